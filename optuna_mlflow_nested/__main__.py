@@ -1,0 +1,3 @@
+from optuna_mlflow_nested.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Small shared helpers: URI redaction, MLflow-safe keys and values."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+_INVALID_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """Remove a password (or token) from a URI, keeping the user name.
+
+    >>> redact_uri("postgresql://bob:s3cret@db:5432/x")
+    'postgresql://bob:***@db:5432/x'
+    """
+    if uri is None:
+        return None
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable uri>"
+    if parts.password is None and "@" not in parts.netloc:
+        return uri
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    netloc = f"{name}:***@{host}" if name else f"***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def safe_key(key: str) -> str:
+    """Map any string to a key MLflow accepts for params, metrics and tags.
+
+    Characters MLflow rejects become ``_``, path tricks (leading ``/``, ``..``) are
+    defused and the key is cut to MLflow's length limit. Deterministic, so the same
+    Optuna name always lands under the same MLflow key.
+
+    >>> safe_key("lr@layer[0]")
+    'lr_layer_0_'
+    """
+    key = _INVALID_KEY_CHARS.sub("_", str(key))
+    key = key.replace("..", "__").lstrip("/")
+    while "//" in key:
+        key = key.replace("//", "/")
+    if not key or key in (".", "/"):
+        key = "_"
+    return key[:MAX_ENTITY_KEY_LENGTH]
+
+
+def _cut(value: Any, limit: int) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def param_value(value: Any) -> str:
+    return _cut(value, MAX_PARAM_VAL_LENGTH)
+
+
+def tag_value(value: Any) -> str:
+    return _cut(value, MAX_TAG_VAL_LENGTH)
+
+
+def safe_mapping(items: dict[str, Any], to_value: Any) -> dict[str, str]:
+    """Sanitise keys and values; on a key collision the later key gets a ``~n`` suffix."""
+    out: dict[str, str] = {}
+    for raw_key, raw_value in items.items():
+        key = safe_key(raw_key)
+        n = 1
+        while key in out:
+            suffix = f"~{n}"
+            key = safe_key(raw_key)[: MAX_ENTITY_KEY_LENGTH - len(suffix)] + suffix
+            n += 1
+        out[key] = to_value(raw_value)
+    return out
+
+
+def is_finite_number(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
