@@ -67,13 +67,13 @@ def tag_value(value: Any) -> str:
 
 
 def safe_mapping(items: dict[str, Any], to_value: Any) -> dict[str, str]:
-    """Sanitise keys and values; on a key collision the later key gets a ``~n`` suffix."""
+    """Sanitise keys and values; on a key collision the later key gets a ``-n`` suffix."""
     out: dict[str, str] = {}
     for raw_key, raw_value in items.items():
         key = safe_key(raw_key)
         n = 1
         while key in out:
-            suffix = f"~{n}"
+            suffix = f"-{n}"
             key = safe_key(raw_key)[: MAX_ENTITY_KEY_LENGTH - len(suffix)] + suffix
             n += 1
         out[key] = to_value(raw_value)

@@ -103,15 +103,17 @@ def get_client(tracking_uri: str) -> MlflowClient:
         client = _clients.get(tracking_uri)
         if client is not None:
             return client
-        client = MlflowClient(tracking_uri)
         db_path = _sqlite_path(tracking_uri)
         if db_path is None:
+            client = MlflowClient(tracking_uri)
             _ = client._tracking_client.store
         else:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             with open(f"{db_path}.lock", "a") as lock_file:
                 fcntl.flock(lock_file, fcntl.LOCK_EX)
                 try:
+                    # The constructor may already open the store (and migrate it).
+                    client = MlflowClient(tracking_uri)
                     _ = client._tracking_client.store
                 finally:
                     fcntl.flock(lock_file, fcntl.LOCK_UN)
@@ -349,7 +351,7 @@ def deliver(client: MlflowClient, record: RunRecord) -> str:
         room = MAX_PARAMS_TAGS_PER_BATCH - len(batch_params)
         batch_tags, tags = tags[:room], tags[room:]
         batch_metrics, metrics = metrics[:MAX_METRICS_PER_BATCH], metrics[MAX_METRICS_PER_BATCH:]
-        client.log_batch(run_id, metrics=batch_metrics, params=batch_params, tags=batch_tags, synchronous=True)
+        _log_batch_or_items(client, run_id, batch_metrics, batch_params, batch_tags)
     for name, text in record.texts.items():
         client.log_text(run_id, text, name)
     # The store call, not client.set_terminated: that one does an extra get_run to
@@ -358,6 +360,28 @@ def deliver(client: MlflowClient, record: RunRecord) -> str:
         run_id, RunStatus.from_string(record.status), record.end_time, record.run_name
     )
     return run_id
+
+
+def _log_batch_or_items(client: MlflowClient, run_id: str, metrics: list[Metric],
+                        params: list[Param], tags: list[RunTag]) -> None:
+    """One ``log_batch``; if MLflow rejects it, each item alone, skipping only the rejects."""
+    try:
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
+        return
+    except MlflowException as exc:
+        if exc.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+    rejected = []
+    for kind, items in (("metrics", metrics), ("params", params), ("tags", tags)):
+        for item in items:
+            try:
+                client.log_batch(run_id, **{kind: [item]}, synchronous=True)
+            except MlflowException as exc:
+                if exc.error_code != "INVALID_PARAMETER_VALUE":
+                    raise
+                rejected.append(item.key)
+    _logger.warning("MLflow rejected %s on run %s", ", ".join(rejected), run_id)
+    client.set_tag(run_id, "omn.rejected", tag_value(", ".join(rejected)))
 
 
 class Spool:

@@ -16,7 +16,6 @@ import optuna
 import pytest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 

@@ -1,0 +1,35 @@
+"""The wrapper against a real `mlflow server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.tracking import MlflowClient
+import optuna
+import pytest
+
+import optuna_mlflow_nested as omn
+
+
+def objective(trial: optuna.Trial) -> float:
+    x = trial.suggest_float("x", -3, 3)
+    mlflow.log_metric("inside", x * 2)
+    return x**2
+
+
+def test_parallel_trials_against_a_server(mlflow_server, capsys: pytest.CaptureFixture) -> None:
+    study = omn.create_study("served", experiment_name="server-exp", tracking_uri=mlflow_server.uri,
+                             sampler="random", seed=0)
+    study.optimize(objective, n_trials=16, n_jobs=4)
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([study.experiment_id],
+                              f"tags.mlflow.parentRunId = '{study.parent_run_id}'")
+    assert sorted(r.info.run_name for r in runs) == sorted(f"trial-{i}" for i in range(16))
+    by_id = {r.info.run_id: r for r in runs}
+    for trial in study.trials:
+        run = by_id[trial.system_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["inside"] == pytest.approx(2 * trial.params["x"])
+        assert run.data.params["x"] == str(trial.params["x"])
+    parent = client.get_run(study.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 16
+    assert "View run" not in capsys.readouterr().out
