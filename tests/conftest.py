@@ -38,6 +38,20 @@ def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMN_SPOOL", str(tmp_path / "spool.jsonl"))
 
 
+@pytest.fixture(autouse=True)
+def _reset_mlflow_globals() -> Iterator[None]:
+    """MLflow keeps the tracking URI and active experiment in process globals."""
+    yield
+    import mlflow
+    from mlflow.tracking import fluent
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    mlflow.set_tracking_uri(None)
+
+
 class MlflowServer:
     """A real `mlflow server` bound to 127.0.0.1, in its own process group."""
 
