@@ -182,9 +182,8 @@ class NestedStudy:
                 UserWarning,
                 stacklevel=2,
             )
-        budget = {"budget.n_trials": n_trials, "budget.timeout": timeout, "budget.n_jobs": n_jobs}
-        self._client.set_tag(self.parent_run_id, "budget", str(budget))
-        tracking.set_run_status(self._client, self.parent_run_id, "RUNNING")
+        budget = {"n_trials": n_trials, "timeout": timeout, "n_jobs": n_jobs}
+        tracking.mark_parent_running(self._client, self.parent_run_id, budget)
         tracker = self._tracker
         status = "FAILED"
         with tracking.global_tracking_uri(self.tracking_uri):
@@ -208,11 +207,28 @@ class NestedStudy:
                 tracker.stop()
                 self._finish(status)
 
+    def reconcile(self, create_missing: bool = False) -> int:
+        """Mend MLflow from Optuna's storage: finish runs of trials that died with their
+        worker and, with ``create_missing``, create runs for trials that have none.
+        Returns the number of runs written."""
+        return tracking.reconcile_study(
+            self._client, self.study, experiment_id=self.experiment_id,
+            parent_run_id=self.parent_run_id, tracking_uri=self.tracking_uri,
+            metric_name=self.metric_name, create_missing=create_missing,
+        )
+
     def _finish(self, status: str) -> None:
-        try:
-            tracking.log_parent_summary(self._client, self.parent_run_id, self.study)
-        finally:
-            tracking.set_run_status(self._client, self.parent_run_id, status)
+        # Optuna's storage holds the results: a tracking server that is away must not
+        # turn a finished search into an exception.
+        for step in (self.reconcile,
+                     lambda: tracking.log_parent_summary(self._client, self.parent_run_id, self.study),
+                     lambda: tracking.set_run_status(self._client, self.parent_run_id, status)):
+            try:
+                step()
+            except Exception as exc:
+                warnings.warn(f"could not update the parent run {self.parent_run_id}: {exc}",
+                              RuntimeWarning, stacklevel=3)
+                return
 
     def child_run_id(self, trial_number: int) -> str:
         """The MLflow run id of trial ``trial_number``."""

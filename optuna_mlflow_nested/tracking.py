@@ -216,7 +216,8 @@ class RunRecord:
     texts: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        # Credentials never reach the spool: `sync --tracking-uri` supplies them again.
+        return json.dumps({**dataclasses.asdict(self), "tracking_uri": redact_uri(self.tracking_uri)})
 
     @classmethod
     def from_json(cls, line: str) -> RunRecord:
@@ -413,10 +414,11 @@ def default_spool_path() -> Path:
     return Path(os.environ.get("OMN_SPOOL", Path.cwd() / "optuna-mlflow-nested.spool.jsonl"))
 
 
-def replay_spool(path: str | os.PathLike[str]) -> tuple[int, int]:
+def replay_spool(path: str | os.PathLike[str], tracking_uri: str | None = None) -> tuple[int, int]:
     """Deliver every record of a spool file; keep the ones that still fail.
 
-    Returns (delivered, remaining).
+    ``tracking_uri`` overrides the (credential-free) URI kept in each record.
+    Idempotent: replaying twice writes nothing new. Returns (delivered, remaining).
     """
     spool_path = Path(path)
     if not spool_path.exists():
@@ -426,6 +428,8 @@ def replay_spool(path: str | os.PathLike[str]) -> tuple[int, int]:
     delivered = 0
     for line in lines:
         record = RunRecord.from_json(line)
+        if tracking_uri is not None:
+            record.tracking_uri = tracking_uri
         try:
             deliver(get_client(record.tracking_uri), record)
             delivered += 1
@@ -472,23 +476,44 @@ def retry_policy_from_env() -> RetryPolicy:
 
 
 class _Writer:
-    """Writer threads draining a bounded queue of run records (back-pressure, not growth)."""
+    """Writer threads draining a bounded queue of run records (back-pressure, not growth).
 
-    def __init__(self, client: MlflowClient, threads: int, spool: Spool, retry: RetryPolicy) -> None:
+    When one record has exhausted its retry deadline the tracking server is taken to
+    be away: later records go straight to the spool, and one probe write every
+    ``probe_interval`` seconds finds out when it is back.
+    """
+
+    def __init__(self, client: MlflowClient, threads: int, spool: Spool, retry: RetryPolicy,
+                 probe_interval: float = 10.0) -> None:
         self._client = client
         self._spool = spool
         self._retry = retry
+        self._probe_interval = probe_interval
         self._queue: queue.Queue[RunRecord | None] = queue.Queue(maxsize=256)
+        self._in_flight: dict[int, RunRecord] = {}
+        self._lock = threading.Lock()
+        self._offline_since: float | None = None
+        self._last_probe = 0.0
+        self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._work, name=f"omn-writer-{i}", daemon=True)
             for i in range(threads)
         ]
         for thread in self._threads:
             thread.start()
-        self.delivered = 0
 
     def put(self, record: RunRecord) -> None:
         self._queue.put(record)
+
+    def _should_probe(self) -> bool:
+        with self._lock:
+            if self._offline_since is None:
+                return True
+            now = time.monotonic()
+            if now - self._last_probe >= self._probe_interval:
+                self._last_probe = now
+                return True
+            return False
 
     def _work(self) -> None:
         while True:
@@ -496,26 +521,72 @@ class _Writer:
             try:
                 if record is None:
                     return
-                try:
-                    self._retry.call(lambda: deliver(self._client, record))
-                    self.delivered += 1
-                except Exception as exc:
-                    if _is_retryable(exc):
-                        self._spool.append(record)
-                    else:
-                        _logger.warning("MLflow rejected %s: %s", record.run_name, exc)
+                self._write(record)
             finally:
                 self._queue.task_done()
 
-    def flush(self) -> None:
-        self._queue.join()
+    def _write(self, record: RunRecord) -> None:
+        if not self._should_probe():
+            self._spool.append(record)
+            return
+        key = id(record)
+        with self._lock:
+            self._in_flight[key] = record
+        try:
+            if self._offline_since is None:
+                self._retry.call(lambda: deliver(self._client, record), self._stop)
+            else:
+                deliver(self._client, record)
+            with self._lock:
+                self._offline_since = None
+        except Exception as exc:
+            if _is_retryable(exc):
+                with self._lock:
+                    if self._offline_since is None:
+                        self._offline_since = self._last_probe = time.monotonic()
+                self._spool.append(record)
+            else:
+                _logger.warning("MLflow rejected %s: %s", record.run_name, exc)
+        finally:
+            with self._lock:
+                self._in_flight.pop(key, None)
 
-    def close(self) -> None:
-        self.flush()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the queue; past ``timeout`` seconds spool what is left. True if drained."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._queue.all_tasks_done.wait(left)
+            else:
+                return True
+        # Give up on the server: spool everything queued or under way. A write still
+        # under way may land later; replay is idempotent, so nothing duplicates.
+        self._stop.set()
+        with self._lock:
+            pending = list(self._in_flight.values())
+        while True:
+            try:
+                record = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if record is not None:
+                pending.append(record)
+            self._queue.task_done()
+        for record in pending:
+            self._spool.append(record)
+        return False
+
+    def close(self, timeout: float | None = None) -> bool:
+        drained = self.flush(timeout)
         for _ in self._threads:
-            self._queue.put(None)
+            with contextlib.suppress(queue.Full):
+                self._queue.put(None, timeout=1)
         for thread in self._threads:
-            thread.join(timeout=5)
+            thread.join(timeout=5 if drained else 0.1)
+        return drained
 
 
 class _RunPool:
@@ -530,6 +601,7 @@ class _RunPool:
         self._retry = retry
         self._ready: collections.deque[Run] = collections.deque()
         self._creating = 0
+        self.healthy = True
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._threads = [
@@ -551,12 +623,13 @@ class _RunPool:
                     return
                 self._creating += 1
             try:
-                run = self._retry.call(self._create, self._stop)
+                run = self._create()
             except Exception as exc:
                 _logger.debug("creating a spare run failed: %s", exc)
                 run = None
             with self._cond:
                 self._creating -= 1
+                self.healthy = run is not None
                 if run is not None:
                     self._ready.append(run)
                 self._cond.notify_all()
@@ -564,10 +637,17 @@ class _RunPool:
                 continue
 
     def take(self, timeout: float) -> Run | None:
-        """A fresh run, or ``None`` if none could be had within ``timeout`` seconds."""
+        """A fresh run, or ``None`` if none could be had in time.
+
+        Waits up to ``timeout`` seconds while run creation works, and only briefly
+        while the tracking server is away (the trial then runs without a live run and
+        its record creates the run later, or goes to the spool).
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._ready:
+                if not self.healthy:
+                    deadline = min(deadline, time.monotonic() + 0.5)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
@@ -581,12 +661,74 @@ class _RunPool:
             self._stop.set()
             self._cond.notify_all()
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=5)
         with self._cond:
             leftovers, self._ready = list(self._ready), collections.deque()
         for run in leftovers:
             with contextlib.suppress(Exception):
                 self._client.delete_run(run.info.run_id)
+
+
+@contextlib.contextmanager
+def _short_http_retries() -> Any:
+    """MLflow's REST client retries a dead server for ~4 minutes per call by default.
+
+    While a tracker runs, and unless the user set them, cap that at ~3 s so that our
+    own backoff (``OMN_RETRY_DEADLINE``), offline mode and spool take over.
+    """
+    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    added = [k for k in defaults if k not in os.environ]
+    for key in added:
+        os.environ[key] = defaults[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def reconcile_study(
+    client: MlflowClient, study: optuna.Study, *, experiment_id: str, parent_run_id: str,
+    tracking_uri: str, metric_name: str | Sequence[str] = "value", orphan_age: float = 3600.0,
+    create_missing: bool = False,
+) -> int:
+    """Make MLflow agree with Optuna's storage, the source of truth; returns runs mended.
+
+    Finishes RUNNING child runs of finished trials, deletes stale spare runs and,
+    with ``create_missing``, writes a child run for every finished trial that has none.
+    """
+    running = client.search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+        max_results=50_000,
+    )
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    by_run = {t.system_attrs.get(RUN_ID_ATTRIBUTE_KEY): t for t in finished}
+    mended = 0
+    now_ms = time.time() * 1000
+    for run in running:
+        trial = by_run.pop(run.info.run_id, None)
+        if trial is not None:
+            deliver(client, trial_record(study, trial, tracking_uri=tracking_uri,
+                                         experiment_id=experiment_id, parent_run_id=parent_run_id,
+                                         run_id=run.info.run_id, metric_name=metric_name))
+            mended += 1
+        elif run.info.run_name == "trial-pending" and now_ms - run.info.start_time > orphan_age * 1000:
+            client.delete_run(run.info.run_id)
+    if create_missing:
+        have = {
+            r.data.tags.get(TRIAL_NUMBER_TAG)
+            for r in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                        max_results=50_000)
+        }
+        for trial in finished:
+            if str(trial.number) not in have:
+                deliver(client, trial_record(study, trial, tracking_uri=tracking_uri,
+                                             experiment_id=experiment_id, parent_run_id=parent_run_id,
+                                             run_id=None, metric_name=metric_name))
+                mended += 1
+    return mended
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -637,12 +779,15 @@ class TrialTracker:
         self._errors: dict[int, str] = {}
         self._pool: _RunPool | None = None
         self._writer: _Writer | None = None
+        self._http_retries: contextlib.ExitStack = contextlib.ExitStack()
 
     # lifecycle -------------------------------------------------------------------
     def start(self, n_jobs: int = 1) -> None:
         if self._writer is not None:
             return
         workers = n_jobs if n_jobs > 0 else (os.cpu_count() or 1)
+        if self.tracking_uri.startswith(("http://", "https://")):
+            self._http_retries.enter_context(_short_http_retries())
         self._writer = _Writer(self._client, self._threads, self._spool, self._retry)
         self._pool = _RunPool(
             self._client, self.experiment_id, self.parent_run_id, self.study_name,
@@ -655,13 +800,28 @@ class TrialTracker:
             self._writer.flush()
 
     def stop(self) -> None:
+        """Deliver (or spool) every queued write and delete unused spare runs."""
         pool, writer = self._pool, self._writer
         self._pool = self._writer = None
-        if pool is not None:
-            pool.close()
-        if writer is not None:
-            writer.close()
-        _live_trackers.discard(self)
+        try:
+            if pool is not None:
+                pool.close()
+            if writer is not None:
+                writer.close(timeout=self._retry.deadline + 30)
+        finally:
+            self._http_retries.close()
+            _live_trackers.discard(self)
+
+    def reconcile(self, study: optuna.Study, orphan_age: float = 3600.0) -> int:
+        """Finish child runs left RUNNING by dead workers; returns how many were mended.
+
+        A run still RUNNING whose trial Optuna has finished (e.g. a stale trial failed
+        through Optuna's heartbeat) gets its final record. Spare runs never handed to
+        a trial and older than ``orphan_age`` seconds are deleted.
+        """
+        return reconcile_study(self._client, study, experiment_id=self.experiment_id,
+                               parent_run_id=self.parent_run_id, tracking_uri=self.tracking_uri,
+                               metric_name=self.metric_name, orphan_age=orphan_age)
 
     @property
     def spool_path(self) -> Path:
@@ -776,6 +936,16 @@ def log_parent_start(client: MlflowClient, run_id: str, params: dict[str, Any],
         tags=[RunTag(k, v) for k, v in safe_mapping(tags, tag_value).items()],
         synchronous=True,
     )
+
+
+def mark_parent_running(client: MlflowClient, run_id: str, budget: dict[str, Any]) -> None:
+    """Record the requested budget and reopen the parent; a server that is away is not fatal."""
+    try:
+        client.log_batch(run_id, tags=[RunTag(f"budget.{k}", str(v)) for k, v in budget.items()],
+                         synchronous=True)
+        set_run_status(client, run_id, "RUNNING")
+    except Exception as exc:
+        warnings.warn(f"could not update the parent run {run_id}: {exc}", RuntimeWarning, stacklevel=3)
 
 
 def set_run_status(client: MlflowClient, run_id: str, status: str) -> None:
