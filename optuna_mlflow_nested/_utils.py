@@ -34,6 +34,18 @@ def redact_uri(uri: str | None) -> str | None:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+_USERINFO = re.compile(r"(\w[\w+.-]*://[^:/@\s]*):[^@/\s]+@")
+
+
+def redact_secrets(text: str) -> str:
+    """Remove passwords from every URI inside ``text`` (exception messages, logs).
+
+    >>> redact_secrets("failed: http://u:pw@host:5000/api")
+    'failed: http://u:***@host:5000/api'
+    """
+    return _USERINFO.sub(r"\1:***@", str(text))
+
+
 def safe_key(key: str) -> str:
     """Map any string to a key MLflow accepts for params, metrics and tags.
 

@@ -43,6 +43,7 @@ def _run_sync(args: argparse.Namespace) -> int:
 
         study = load_study(args.study_name, args.storage, tracking_uri=args.tracking_uri)
         mended = study.reconcile(create_missing=True)
+        study._finish("FINISHED")
         print(f"study {args.study_name}: {mended} run(s) written to match Optuna's storage")
     return 1 if remaining else 0
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numbers
 import time
 from typing import Any
+from urllib.parse import urlsplit
 import warnings
 
 import mlflow
@@ -16,6 +17,7 @@ from optuna.exceptions import DuplicatedStudyError
 import pandas as pd
 
 from optuna_mlflow_nested import tracking
+from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested._utils import redact_uri
 from optuna_mlflow_nested.seeding import seed_everything
 
@@ -186,7 +188,8 @@ class NestedStudy:
         tracking.mark_parent_running(self._client, self.parent_run_id, budget)
         tracker = self._tracker
         status = "FAILED"
-        with tracking.global_tracking_uri(self.tracking_uri):
+        with tracking.global_tracking_uri(self.tracking_uri), \
+                tracking.short_http_retries(self.tracking_uri):
             tracker.start(n_jobs)
             try:
                 self.study.optimize(
@@ -226,7 +229,8 @@ class NestedStudy:
             try:
                 step()
             except Exception as exc:
-                warnings.warn(f"could not update the parent run {self.parent_run_id}: {exc}",
+                warnings.warn(f"could not update the parent run {self.parent_run_id}: "
+                              f"{redact_secrets(exc)}",
                               RuntimeWarning, stacklevel=3)
                 return
 
@@ -242,7 +246,8 @@ class NestedStudy:
 
     def child_runs(self) -> pd.DataFrame:
         """``mlflow.search_runs`` of this study's trial runs, oldest first."""
-        with tracking.global_tracking_uri(self.tracking_uri):
+        with tracking.global_tracking_uri(self.tracking_uri), \
+                tracking.short_http_retries(self.tracking_uri):
             return mlflow.search_runs(
                 experiment_ids=[self.experiment_id],
                 filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
@@ -286,6 +291,24 @@ def _attach_parent(
     }
     tracking.log_parent_start(client, run_id, {**params, **_versions()}, start_tags)
     return run_id, experiment_id
+
+
+def _open_storage(storage: str | optuna.storages.BaseStorage | None) -> Any:
+    """The Optuna storage, or a ValueError that names it (password removed)."""
+    if storage is None or not isinstance(storage, str):
+        return storage
+    try:
+        return optuna.storages.get_storage(storage)
+    except Exception as exc:
+        shown = redact_uri(storage) or ""
+        cause = exc.__cause__ or exc.__context__
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(cause, ImportError):
+            message = f"{message} ({cause}; pip install 'optuna-mlflow-nested[postgres]')"
+        password = urlsplit(storage).password if "://" in storage else None
+        if password:
+            message = message.replace(password, "***")
+        raise ValueError(f"storage {shown!r} is not usable: {message}") from None
 
 
 def _storage_repr(storage: Any) -> str | None:
@@ -347,9 +370,10 @@ def create_study(
         raise TypeError(f"metric_name must be a string or a sequence of strings, got {metric_name!r}")
     optuna_sampler = make_sampler(sampler, seed=seed, search_space=search_space)
     uri = _resolve_tracking_uri(tracking_uri)
+    optuna_storage = _open_storage(storage)
     try:
         study = optuna.create_study(
-            storage=storage, sampler=optuna_sampler, pruner=pruner, study_name=study_name,
+            storage=optuna_storage, sampler=optuna_sampler, pruner=pruner, study_name=study_name,
             direction=direction, directions=directions,
         )
         created = True
@@ -357,7 +381,7 @@ def create_study(
         if not load_if_exists:
             raise
         study = optuna.load_study(
-            study_name=study_name, storage=storage, sampler=optuna_sampler, pruner=pruner
+            study_name=study_name, storage=optuna_storage, sampler=optuna_sampler, pruner=pruner
         )
         created = False
     client = tracking.get_client(uri)
@@ -408,8 +432,8 @@ def load_study(
         seed_everything(seed)
     optuna_sampler = make_sampler(sampler, seed=seed, search_space=search_space)
     uri = _resolve_tracking_uri(tracking_uri)
-    study = optuna.load_study(study_name=study_name, storage=storage, sampler=optuna_sampler,
-                              pruner=pruner)
+    study = optuna.load_study(study_name=study_name, storage=_open_storage(storage),
+                              sampler=optuna_sampler, pruner=pruner)
     client = tracking.get_client(uri)
     attrs = study._storage.get_study_system_attrs(study._study_id)
     if PARENT_RUN_ATTR in attrs:

@@ -58,6 +58,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from optuna_mlflow_nested._utils import param_value
+from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested._utils import redact_uri
 from optuna_mlflow_nested._utils import safe_key
 from optuna_mlflow_nested._utils import safe_mapping
@@ -434,7 +435,7 @@ def replay_spool(path: str | os.PathLike[str], tracking_uri: str | None = None) 
             deliver(get_client(record.tracking_uri), record)
             delivered += 1
         except Exception as exc:
-            _logger.warning("replay of %s failed: %s", record.run_name, exc)
+            _logger.warning("replay of %s failed: %s", record.run_name, redact_secrets(exc))
             remaining.append(line)
     tmp = spool_path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -546,7 +547,7 @@ class _Writer:
                         self._offline_since = self._last_probe = time.monotonic()
                 self._spool.append(record)
             else:
-                _logger.warning("MLflow rejected %s: %s", record.run_name, exc)
+                _logger.warning("MLflow rejected %s: %s", record.run_name, redact_secrets(exc))
         finally:
             with self._lock:
                 self._in_flight.pop(key, None)
@@ -670,12 +671,19 @@ class _RunPool:
 
 
 @contextlib.contextmanager
-def _short_http_retries() -> Any:
+def short_http_retries(tracking_uri: str) -> Any:
     """MLflow's REST client retries a dead server for ~4 minutes per call by default.
 
     While a tracker runs, and unless the user set them, cap that at ~3 s so that our
     own backoff (``OMN_RETRY_DEADLINE``), offline mode and spool take over.
     """
+    if not tracking_uri.startswith(("http://", "https://")):
+        yield
+        return
+    # urllib3 logs every retry as a WARNING: keep the user's output clean.
+    urllib3_logger = logging.getLogger("urllib3.connectionpool")
+    previous_level = urllib3_logger.level
+    urllib3_logger.setLevel(logging.ERROR)
     defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
     added = [k for k in defaults if k not in os.environ]
@@ -684,6 +692,7 @@ def _short_http_retries() -> Any:
     try:
         yield
     finally:
+        urllib3_logger.setLevel(previous_level)
         for key in added:
             os.environ.pop(key, None)
 
@@ -786,8 +795,7 @@ class TrialTracker:
         if self._writer is not None:
             return
         workers = n_jobs if n_jobs > 0 else (os.cpu_count() or 1)
-        if self.tracking_uri.startswith(("http://", "https://")):
-            self._http_retries.enter_context(_short_http_retries())
+        self._http_retries.enter_context(short_http_retries(self.tracking_uri))
         self._writer = _Writer(self._client, self._threads, self._spool, self._retry)
         self._pool = _RunPool(
             self._client, self.experiment_id, self.parent_run_id, self.study_name,
@@ -945,7 +953,8 @@ def mark_parent_running(client: MlflowClient, run_id: str, budget: dict[str, Any
                          synchronous=True)
         set_run_status(client, run_id, "RUNNING")
     except Exception as exc:
-        warnings.warn(f"could not update the parent run {run_id}: {exc}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"could not update the parent run {run_id}: {redact_secrets(exc)}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def set_run_status(client: MlflowClient, run_id: str, status: str) -> None:

@@ -1,0 +1,270 @@
+"""Many workers, one study; faults survived, nothing lost (issue 6)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+from mlflow.tracking import MlflowClient
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+import pytest
+
+from conftest import MlflowServer
+import optuna_mlflow_nested as omn
+from optuna_mlflow_nested.cli import main as cli_main
+
+
+def plain(trial: optuna.Trial) -> float:
+    return trial.suggest_float("x", 0, 1) ** 2
+
+
+def trial_runs(client: MlflowClient, study: omn.NestedStudy) -> list:
+    return client.search_runs(
+        [study.experiment_id],
+        f"tags.mlflow.parentRunId = '{study.parent_run_id}' and tags.`optuna.role` = 'trial'",
+        max_results=10_000,
+    )
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    """Poll a condition (never a fixed sleep): fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+# ---------------------------------------------------------------- bad configuration
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"storage": "not-a-url"}, "storage 'not-a-url'"),
+        ({"storage": "postgresql://bob:s3cret@127.0.0.1:1/nodb"}, r"storage 'postgresql://bob:\*\*\*@"),
+        ({"tracking_uri": "htp://127.0.0.1:5000"}, "htp://127.0.0.1:5000"),
+        ({"tracking_uri": "http://127.0.0.1:1"}, "unreachable"),
+    ],
+)
+def test_bad_configuration_fails_before_any_trial(tracking_uri: str, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        omn.create_study("cfg", **{"tracking_uri": tracking_uri, **kwargs})
+    assert "s3cret" not in str(info.value)
+
+
+# ---------------------------------------------------------------- workers on one machine
+
+
+def _journal_worker(args: tuple[str, str, int]) -> str:
+    journal, tracking_uri, n = args
+    storage = JournalStorage(JournalFileBackend(journal))
+    study = omn.create_study("journal", tracking_uri=tracking_uri, storage=storage,
+                             load_if_exists=True, sampler="random")
+    study.optimize(plain, n_trials=n)
+    return study.parent_run_id
+
+
+def test_processes_share_a_journal_file_study(tmp_path: Path, tracking_uri: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        parents = pool.map(_journal_worker, [(str(tmp_path / "j.log"), tracking_uri, 4)] * 3)
+    assert len(set(parents)) == 1
+    study = omn.load_study("journal", JournalStorage(JournalFileBackend(str(tmp_path / "j.log"))),
+                           tracking_uri=tracking_uri)
+    runs = trial_runs(MlflowClient(tracking_uri), study)
+    assert len(study.trials) == 12
+    assert sorted(r.info.run_name for r in runs) == sorted(f"trial-{i}" for i in range(12))
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+# ---------------------------------------------------------------- a worker killed mid-trial
+
+_KILLED_WORKER = textwrap.dedent(
+    """
+    import sys, threading, optuna, optuna_mlflow_nested as omn
+    storage_url, tracking_uri, marker = sys.argv[1:4]
+    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=1, grace_period=2)
+    study = omn.create_study("hb", tracking_uri=tracking_uri, storage=storage, load_if_exists=True)
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number == 1:
+            open(marker, "w").close()
+            threading.Event().wait()   # hangs until SIGKILL
+        return x
+    study.optimize(objective, n_trials=5)
+    """
+)
+
+
+def test_worker_killed_mid_trial_its_run_fails_when_noticed(tmp_path: Path, tracking_uri: str) -> None:
+    storage_url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    marker = tmp_path / "in-trial-1"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WORKER, storage_url, tracking_uri, str(marker)],
+                            start_new_session=True)
+    try:
+        wait_for(marker.exists, 120, "the worker to enter trial 1")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=1, grace_period=2)
+    study_id = storage.get_study_id_from_name("hb")
+    wait_for(lambda: storage._get_stale_trial_ids(study_id), 30, "trial 1's heartbeat to go stale")
+
+    resumed = omn.load_study("hb", storage, tracking_uri=tracking_uri)
+    killed_run = resumed.child_run_id(1)
+    resumed.optimize(plain, n_trials=2)   # Optuna fails the stale trial; we fail its run
+
+    states = {t.number: t.state.name for t in resumed.trials}
+    assert states == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(killed_run).info.status == "FAILED"
+    runs = {r.info.run_name: r.info.status for r in trial_runs(client, resumed)
+            if r.info.run_name != "trial-pending"}
+    assert runs == {"trial-0": "FINISHED", "trial-1": "FAILED", "trial-2": "FINISHED",
+                    "trial-3": "FINISHED"}
+
+
+# ---------------------------------------------------------------- the tracking server away
+
+
+def _restartable_server(tmp_path: Path) -> MlflowServer:
+    return MlflowServer(tmp_path / "srv", backend_uri=f"sqlite:///{tmp_path / 'srv.db'}").start()
+
+
+def test_server_killed_and_restarted_nothing_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMN_RETRY_DEADLINE", "120")
+    server = _restartable_server(tmp_path)
+    try:
+        study = omn.create_study("flaky", tracking_uri=server.uri, sampler="random", seed=0)
+
+        def objective(trial: optuna.Trial) -> float:
+            if trial.number == 3:
+                server.stop()
+            if trial.number == 6:
+                MlflowServer(server.root, backend_uri=server.backend_uri, port=server.port).start()
+            return plain(trial)
+
+        study.optimize(objective, n_trials=10)
+        client = MlflowClient(server.uri)
+        runs = trial_runs(client, study)
+        names = sorted(r.info.run_name for r in runs)
+        assert names == sorted(f"trial-{i}" for i in range(10))  # each once: no duplicates
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        for run in runs:
+            trial = study.trials[int(run.data.tags["optuna.trial_number"])]
+            assert run.data.params["x"] == str(trial.params["x"])
+            assert run.data.metrics["value"] == pytest.approx(trial.value)
+        assert not Path(os.environ["OMN_SPOOL"]).exists()
+    finally:
+        server.stop()
+        subprocess.run(["pkill", "-f", f"--port {server.port}"], check=False)
+
+
+def test_server_never_returns_spool_then_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMN_RETRY_DEADLINE", "3")
+    server = _restartable_server(tmp_path)
+    uri = f"http://alice:s3cret@127.0.0.1:{server.port}"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    spool = Path(os.environ["OMN_SPOOL"])
+    try:
+        study = omn.create_study("gone", tracking_uri=uri, storage=storage, sampler="random", seed=0)
+
+        def objective(trial: optuna.Trial) -> float:
+            if trial.number == 2:
+                server.stop()
+            return plain(trial)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            study.optimize(objective, n_trials=6)
+        assert len(study.trials) == 6 and all(t.state.name == "COMPLETE" for t in study.trials)
+        spool_warnings = [w for w in caught if str(spool) in str(w.message)]
+        assert len(spool_warnings) == 1
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o600
+        assert spool.read_text().count("\n") >= 3
+        assert "s3cret" not in spool.read_text()
+        assert all("s3cret" not in str(w.message) for w in caught)
+
+        MlflowServer(server.root, backend_uri=server.backend_uri, port=server.port).start()
+        args = ["sync", "--spool", str(spool), "--tracking-uri", uri, "--study-name", "gone",
+                "--storage", storage]
+        assert cli_main(args) == 0
+        assert cli_main(args) == 0  # idempotent
+        client = MlflowClient(uri)
+        runs = trial_runs(client, study)
+        assert sorted(r.info.run_name for r in runs) == sorted(f"trial-{i}" for i in range(6))
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        assert not spool.exists()
+        assert client.get_run(study.parent_run_id).data.metrics["n_complete"] == 6
+    finally:
+        server.stop()
+        subprocess.run(["pkill", "-f", f"--port {server.port}"], check=False)
+
+
+def test_sync_reconciles_trials_run_without_tracking(tmp_path: Path, tracking_uri: str) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("adopt", tracking_uri=tracking_uri, storage=storage, sampler="random")
+    study.optimize(plain, n_trials=2)
+    bare = optuna.load_study(study_name="adopt", storage=storage)
+    bare.optimize(plain, n_trials=3)  # plain Optuna: no child runs
+    args = ["sync", "--tracking-uri", tracking_uri, "--study-name", "adopt", "--storage", storage]
+    assert cli_main(args) == 0
+    assert cli_main(args) == 0
+    runs = trial_runs(MlflowClient(tracking_uri), study)
+    assert sorted(r.info.run_name for r in runs) == [f"trial-{i}" for i in range(5)]
+
+
+# ---------------------------------------------------------------- many machines
+
+
+def _pg_worker(args: tuple[str, str, int, float]) -> str:
+    storage, tracking_uri, n, start_at = args
+    while time.time() < start_at:  # line the workers up so they race create_study
+        time.sleep(0.001)
+    study = omn.create_study("pg-race", experiment_name="pg-exp", tracking_uri=tracking_uri,
+                             storage=storage, load_if_exists=True, sampler="random")
+    study.optimize(plain, n_trials=n)
+    return study.parent_run_id
+
+
+@pytest.mark.postgres
+def test_many_workers_on_postgres_and_a_server(tmp_path: Path, postgres_url: str) -> None:
+    import psycopg2
+
+    admin = psycopg2.connect(postgres_url)
+    admin.autocommit = True
+    backend = postgres_url.rsplit("/", 1)[0] + "/" + postgres_url.rsplit("/", 1)[1] + "_mlflow"
+    admin.cursor().execute(f"CREATE DATABASE {backend.rsplit('/', 1)[1]}")
+    server = MlflowServer(tmp_path / "pgsrv", backend_uri=backend.replace("postgresql://", "postgresql+psycopg2://")).start()
+    try:
+        storage = postgres_url.replace("postgresql://", "postgresql+psycopg2://")
+        optuna.storages.RDBStorage(storage)  # schema first; the race under test is the study
+        ctx = multiprocessing.get_context("spawn")
+        start_at = time.time() + 8
+        with ctx.Pool(3) as pool:
+            parents = pool.map(_pg_worker, [(storage, server.uri, 4, start_at)] * 3)
+        assert len(set(parents)) == 1
+        study = omn.load_study("pg-race", storage, tracking_uri=server.uri)
+        client = MlflowClient(server.uri)
+        parents_in_mlflow = client.search_runs([study.experiment_id], "tags.`optuna.role` = 'study'")
+        assert [p.info.run_id for p in parents_in_mlflow] == [study.parent_run_id]
+        runs = trial_runs(client, study)
+        assert len(study.trials) == 12
+        assert sorted(r.info.run_name for r in runs) == sorted(f"trial-{i}" for i in range(12))
+    finally:
+        server.stop()
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {backend.rsplit('/', 1)[1]} WITH (FORCE)")
+        admin.close()
