@@ -147,6 +147,7 @@ def _restartable_server(tmp_path: Path) -> MlflowServer:
 def test_server_killed_and_restarted_nothing_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMN_RETRY_DEADLINE", "120")
     server = _restartable_server(tmp_path)
+    restarted = MlflowServer(server.root, backend_uri=server.backend_uri, port=server.port)
     try:
         study = omn.create_study("flaky", tracking_uri=server.uri, sampler="random", seed=0)
 
@@ -154,7 +155,7 @@ def test_server_killed_and_restarted_nothing_lost(tmp_path: Path, monkeypatch: p
             if trial.number == 3:
                 server.stop()
             if trial.number == 6:
-                MlflowServer(server.root, backend_uri=server.backend_uri, port=server.port).start()
+                restarted.start()
             return plain(trial)
 
         study.optimize(objective, n_trials=10)
@@ -170,7 +171,7 @@ def test_server_killed_and_restarted_nothing_lost(tmp_path: Path, monkeypatch: p
         assert not Path(os.environ["OMN_SPOOL"]).exists()
     finally:
         server.stop()
-        subprocess.run(["pkill", "-f", f"--port {server.port}"], check=False)
+        restarted.stop()
 
 
 def test_server_never_returns_spool_then_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,6 +180,7 @@ def test_server_never_returns_spool_then_sync(tmp_path: Path, monkeypatch: pytes
     uri = f"http://alice:s3cret@127.0.0.1:{server.port}"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     spool = Path(os.environ["OMN_SPOOL"])
+    restarted = MlflowServer(server.root, backend_uri=server.backend_uri, port=server.port)
     try:
         study = omn.create_study("gone", tracking_uri=uri, storage=storage, sampler="random", seed=0)
 
@@ -198,7 +200,7 @@ def test_server_never_returns_spool_then_sync(tmp_path: Path, monkeypatch: pytes
         assert "s3cret" not in spool.read_text()
         assert all("s3cret" not in str(w.message) for w in caught)
 
-        MlflowServer(server.root, backend_uri=server.backend_uri, port=server.port).start()
+        restarted.start()
         args = ["sync", "--spool", str(spool), "--tracking-uri", uri, "--study-name", "gone",
                 "--storage", storage]
         assert cli_main(args) == 0
@@ -211,7 +213,7 @@ def test_server_never_returns_spool_then_sync(tmp_path: Path, monkeypatch: pytes
         assert client.get_run(study.parent_run_id).data.metrics["n_complete"] == 6
     finally:
         server.stop()
-        subprocess.run(["pkill", "-f", f"--port {server.port}"], check=False)
+        restarted.stop()
 
 
 def test_sync_reconciles_trials_run_without_tracking(tmp_path: Path, tracking_uri: str) -> None:
@@ -230,10 +232,9 @@ def test_sync_reconciles_trials_run_without_tracking(tmp_path: Path, tracking_ur
 # ---------------------------------------------------------------- many machines
 
 
-def _pg_worker(args: tuple[str, str, int, float]) -> str:
-    storage, tracking_uri, n, start_at = args
-    while time.time() < start_at:  # line the workers up so they race create_study
-        time.sleep(0.001)
+def _pg_worker(args: tuple[str, str, int, object]) -> str:
+    storage, tracking_uri, n, barrier = args
+    barrier.wait()  # released together, the workers race create_study
     study = omn.create_study("pg-race", experiment_name="pg-exp", tracking_uri=tracking_uri,
                              storage=storage, load_if_exists=True, sampler="random")
     study.optimize(plain, n_trials=n)
@@ -253,9 +254,9 @@ def test_many_workers_on_postgres_and_a_server(tmp_path: Path, postgres_url: str
         storage = postgres_url.replace("postgresql://", "postgresql+psycopg2://")
         optuna.storages.RDBStorage(storage)  # schema first; the race under test is the study
         ctx = multiprocessing.get_context("spawn")
-        start_at = time.time() + 8
-        with ctx.Pool(3) as pool:
-            parents = pool.map(_pg_worker, [(storage, server.uri, 4, start_at)] * 3)
+        with ctx.Manager() as manager, ctx.Pool(3) as pool:
+            barrier = manager.Barrier(3)
+            parents = pool.map(_pg_worker, [(storage, server.uri, 4, barrier)] * 3)
         assert len(set(parents)) == 1
         study = omn.load_study("pg-race", storage, tracking_uri=server.uri)
         client = MlflowClient(server.uri)
