@@ -85,6 +85,8 @@ class MlflowServer:
              "--backend-store-uri", self.backend_uri,
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # The GenAI job runner spawns a dozen huey consumers that tracking never needs.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         import requests
 
