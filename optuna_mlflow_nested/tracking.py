@@ -1053,7 +1053,19 @@ def log_fold_run(client: MlflowClient, experiment_id: str, parent_run_id: str | 
     if model is not None:
         import mlflow.sklearn
 
+        kwargs: dict[str, Any] = {}
+        try:  # MLflow saves with skops; the types of a model we just fitted are ours to trust
+            import skops.io
+
+            kwargs["skops_trusted_types"] = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+        except ImportError:
+            pass
+        import sklearn
+
+        # Explicit requirements: inferring them starts a subprocess per model (seconds each).
         with active_run(run):
-            mlflow.sklearn.log_model(model, name="model")
+            mlflow.sklearn.log_model(model, name="model",
+                                     pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+                                     **kwargs)
     client._tracking_client.store.update_run_info(run_id, RunStatus.FINISHED, now, None)
     return run_id
