@@ -187,6 +187,7 @@ class NestedStudy:
         budget = {"n_trials": n_trials, "timeout": timeout, "n_jobs": n_jobs}
         tracking.mark_parent_running(self._client, self.parent_run_id, budget)
         tracker = self._tracker
+        tracking.warm_up_figures()
         status = "FAILED"
         with tracking.global_tracking_uri(self.tracking_uri), \
                 tracking.short_http_retries(self.tracking_uri):

@@ -1008,6 +1008,25 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
         _log_figures(client, run_id, study)
 
 
+_figure_imports: threading.Thread | None = None
+
+
+def warm_up_figures() -> None:
+    """Import matplotlib in the background while trials run (about 0.5 s saved at the end)."""
+    global _figure_imports
+    if _figure_imports is None:
+        def _import() -> None:
+            with contextlib.suppress(Exception):
+                import matplotlib
+
+                matplotlib.use("Agg", force=False)
+                import matplotlib.pyplot  # noqa: F401
+                import optuna.visualization.matplotlib  # noqa: F401
+
+        _figure_imports = threading.Thread(target=_import, name="omn-warm-up", daemon=True)
+        _figure_imports.start()
+
+
 def _log_figures(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
     import matplotlib
 
