@@ -67,6 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.handler(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"optuna-mlflow-nested {args.command}: error: {exc}", file=sys.stderr)
         return 2
