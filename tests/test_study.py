@@ -388,3 +388,20 @@ def test_racing_experiment_creation_resolves_to_one(tracking_uri: str) -> None:
     for thread in threads:
         thread.join()
     assert len(ids) == 6 and len(set(ids)) == 1
+
+
+def test_keyboard_interrupt_flushes_every_started_trial(tracking_uri: str) -> None:
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number == 3:
+            raise KeyboardInterrupt
+        return x
+
+    study = omn.create_study("ctrl-c", tracking_uri=tracking_uri)
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(objective, n_trials=10)
+    client = MlflowClient(tracking_uri)
+    statuses = {r.info.run_name: r.info.status for r in children(client, study)}
+    assert statuses == {"trial-0": "FINISHED", "trial-1": "FINISHED", "trial-2": "FINISHED",
+                        "trial-3": "FAILED"}
+    assert client.get_run(study.parent_run_id).info.status == "KILLED"
