@@ -433,8 +433,13 @@ def load_study(
         seed_everything(seed)
     optuna_sampler = make_sampler(sampler, seed=seed, search_space=search_space)
     uri = _resolve_tracking_uri(tracking_uri)
-    study = optuna.load_study(study_name=study_name, storage=_open_storage(storage),
-                              sampler=optuna_sampler, pruner=pruner)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=_open_storage(storage),
+                                  sampler=optuna_sampler, pruner=pruner)
+    except KeyError:
+        raise ValueError(
+            f"no study named {study_name!r} in storage {_storage_repr(storage)!r}"
+        ) from None
     client = tracking.get_client(uri)
     attrs = study._storage.get_study_system_attrs(study._study_id)
     if PARENT_RUN_ATTR in attrs:
