@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import contextlib
 import dataclasses
 import fcntl
+import io
 import json
 import logging
 import math
@@ -1021,7 +1022,15 @@ def warm_up_figures() -> None:
 
                 matplotlib.use("Agg", force=False)
                 import matplotlib.pyplot  # noqa: F401
+                from matplotlib.figure import Figure
                 import optuna.visualization.matplotlib  # noqa: F401
+                import sklearn.ensemble  # noqa: F401  (fANOVA's forest, for importances)
+
+                # The first PNG pays for fonts and the Agg backend; pay it now, off
+                # pyplot's global state, which the user's objective may be using.
+                figure = Figure(figsize=(1, 1))
+                figure.add_subplot().plot([0, 1], label="warm-up")
+                figure.savefig(io.BytesIO(), format="png")
 
         _figure_imports = threading.Thread(target=_import, name="omn-warm-up", daemon=True)
         _figure_imports.start()
