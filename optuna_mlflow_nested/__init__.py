@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from optuna_mlflow_nested import datasets
+from optuna_mlflow_nested.catboost import CatBoostResult
+from optuna_mlflow_nested.catboost import load_best_model
+from optuna_mlflow_nested.catboost import tune_catboost
 from optuna_mlflow_nested.cv import cross_validate
 from optuna_mlflow_nested.seeding import seed_everything
 from optuna_mlflow_nested.study import NestedStudy
@@ -11,9 +15,13 @@ from optuna_mlflow_nested.study import load_study
 __version__ = "0.1.0"
 
 __all__ = [
+    "CatBoostResult",
     "NestedStudy",
     "create_study",
     "cross_validate",
+    "datasets",
+    "load_best_model",
     "load_study",
     "seed_everything",
+    "tune_catboost",
 ]
