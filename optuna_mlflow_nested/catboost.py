@@ -204,13 +204,17 @@ def tune_catboost(
     pruning: bool = False,
     show_progress_bar: bool = False,
     finish: bool = True,
+    more_trials: bool = False,
+    threads_per_fit: int | None = None,
 ) -> CatBoostResult | NestedStudy:
     """Tune a ``CatBoostRegressor`` on validation RMSE, then finish the job (see module doc).
 
     ``n_trials`` is the total budget: re-running with the same ``study_name`` and
     ``storage`` resumes and only runs the trials still missing, under the same parent
     run, then finishes again on the final best. With ``finish=False`` only the trials
-    run and the :class:`NestedStudy` is returned (what extra worker processes do).
+    run and the :class:`NestedStudy` is returned; with ``more_trials=True`` ``n_trials``
+    more trials run whatever the study holds (what worker processes do).
+    ``threads_per_fit`` overrides CatBoost's ``thread_count`` (default: cores / n_jobs).
 
     Example:
         >>> import optuna_mlflow_nested as omn, tempfile, os
@@ -242,6 +246,8 @@ def tune_catboost(
         sampler=sampler, search_space=grid, seed=seed, load_if_exists=True,
         metric_name=VAL_METRIC, tags={"model": "CatBoostRegressor"},
     )
+    if threads_per_fit is not None:
+        common["thread_count"] = threads_per_fit
 
     def objective(trial: optuna.Trial) -> float:
         from catboost import CatBoostRegressor
@@ -258,7 +264,7 @@ def tune_catboost(
         return _rmse(y_val, model.predict(X_val))
 
     done = len([t for t in study.trials if t.state.is_finished()])
-    remaining = n_trials - done
+    remaining = n_trials if more_trials else n_trials - done
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, n_jobs=n_jobs, timeout=timeout,
                        show_progress_bar=show_progress_bar)
