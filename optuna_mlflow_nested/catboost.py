@@ -202,6 +202,7 @@ def tune_catboost(
     n_jobs: int = 1,
     timeout: float | None = None,
     pruning: bool = False,
+    pruner: optuna.pruners.BasePruner | None = None,
     show_progress_bar: bool = False,
     finish: bool = True,
     more_trials: bool = False,
@@ -215,6 +216,9 @@ def tune_catboost(
     run and the :class:`NestedStudy` is returned; with ``more_trials=True`` ``n_trials``
     more trials run whatever the study holds (what worker processes do).
     ``threads_per_fit`` overrides CatBoost's ``thread_count`` (default: cores / n_jobs).
+    With ``pruning=True`` each trial reports validation RMSE every 10 trees and
+    ``pruner`` (default ``MedianPruner(n_startup_trials=5, n_warmup_steps=30)``) may
+    stop it; pruned trials end KILLED in MLflow.
 
     Example:
         >>> import optuna_mlflow_nested as omn, tempfile, os
@@ -244,6 +248,8 @@ def tune_catboost(
     study = create_study(
         study_name, experiment_name=experiment_name, tracking_uri=tracking_uri, storage=storage,
         sampler=sampler, search_space=grid, seed=seed, load_if_exists=True,
+        pruner=(pruner or optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=30))
+        if pruning else None,
         metric_name=VAL_METRIC, tags={"model": "CatBoostRegressor"},
     )
     if threads_per_fit is not None:
