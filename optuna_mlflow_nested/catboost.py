@@ -400,7 +400,7 @@ def load_best_model(experiment_name: str, *, tracking_uri: str | None = None) ->
         ...
         ValueError: no MLflow experiment named 'no-such-experiment'
     """
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    uri = tracking.absolute_uri(tracking_uri or mlflow.get_tracking_uri())
     client = tracking.get_client(uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:

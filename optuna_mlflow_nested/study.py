@@ -84,7 +84,7 @@ def _check_directions(direction: Any, directions: Any) -> None:
 def _resolve_tracking_uri(tracking_uri: str | None) -> str:
     uri = tracking_uri if tracking_uri is not None else mlflow.get_tracking_uri()
     tracking.check_tracking_uri(uri)
-    return uri
+    return tracking.absolute_uri(uri)
 
 
 def _parent_context_run_id() -> str | None:

@@ -123,6 +123,18 @@ def get_client(tracking_uri: str) -> MlflowClient:
         return client
 
 
+def absolute_uri(tracking_uri: str) -> str:
+    """``sqlite:///mlflow.db`` -> ``sqlite:////abs/path/mlflow.db``.
+
+    MLflow caches stores by URI string, so a relative SQLite URI keeps pointing at the
+    first folder it was opened in after the process changes directory.
+    """
+    path = _sqlite_path(tracking_uri)
+    if path is None or path.is_absolute():
+        return tracking_uri
+    return f"sqlite:///{path.resolve()}"
+
+
 def check_tracking_uri(tracking_uri: str) -> None:
     """Fail fast, naming the URI, when it is malformed or its server is unreachable."""
     if not isinstance(tracking_uri, str) or not tracking_uri:
@@ -138,7 +150,7 @@ def check_tracking_uri(tracking_uri: str) -> None:
                 f"tracking_uri {shown!r} is unreachable: {type(exc).__name__}"
             ) from None
     try:
-        get_client(tracking_uri)
+        get_client(absolute_uri(tracking_uri))
     except Exception as exc:  # MLflow raises many types for a bad URI
         raise ValueError(f"tracking_uri {shown!r} is not usable: {exc}") from None
 

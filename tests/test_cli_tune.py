@@ -1,0 +1,93 @@
+"""`optuna-mlflow-nested tune` and `worker` (issues 3 and 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import subprocess
+import sys
+
+from mlflow.tracking import MlflowClient
+import pytest
+
+from optuna_mlflow_nested.cli import main
+
+FAST = ["--tuning-iterations", "20", "--max-iterations", "100", "--early-stopping-rounds", "10",
+        "--no-progress"]
+
+
+def runs_of(tmp: Path, experiment: str = "catboost-tune") -> tuple[MlflowClient, list, str]:
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], max_results=1000), exp.experiment_id
+
+
+def test_tune_defaults_summary_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["tune", "--trials", "3", *FAST]) == 0
+    out = capsys.readouterr().out
+    for text in ("best params", "validation RMSE (early-stopped)", "test RMSE",
+                 "best iteration / tree count", "parent run id",
+                 "mlflow ui --backend-store-uri sqlite:///mlflow.db"):
+        assert text in out
+    assert "View run" not in out
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "optuna.db").exists()
+    client, runs, _ = runs_of(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("optuna.role") == "study"]
+    assert len(parents) == 1 and parents[0].data.tags["best_model"] == "true"
+    assert parents[0].info.run_id in out
+
+    assert main(["tune", "--trials", "5", *FAST]) == 0  # resumes to 5 in total
+    client, runs, _ = runs_of(tmp_path)
+    assert len([r for r in runs if r.data.tags.get("optuna.role") == "study"]) == 1
+    assert sorted(r.info.run_name for r in runs if r.info.run_name.startswith("trial-")) == [
+        f"trial-{i}" for i in range(5)]
+    assert main(["tune", "--trials", "5", *FAST]) == 0  # budget spent: no trial, finish again
+    _, runs, _ = runs_of(tmp_path)
+    assert sum(r.info.run_name.startswith("trial-") for r in runs) == 5
+
+
+def test_friedman1_reports_ratio_to_noise(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["tune", "--data", "friedman1", "--trials", "2", *FAST]) == 0
+    assert "test RMSE / best possible (noise 1.0)" in capsys.readouterr().out
+
+
+def test_workers_share_one_study_and_finish_once(tmp_path: Path) -> None:
+    assert main(["tune", "--trials", "4", "--workers", "2", *FAST]) == 0
+    client, runs, experiment_id = runs_of(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("optuna.role") == "study"]
+    assert len(parents) == 1
+    assert sorted(r.info.run_name for r in runs if r.info.run_name.startswith("trial-")) == [
+        f"trial-{i}" for i in range(4)]
+    assert len(client.search_logged_models(experiment_ids=[experiment_id])) == 1
+
+    # another machine joins with `worker`: more trials, no second finish
+    assert main(["worker", "--trials", "2", "--tuning-iterations", "20"]) == 0
+    client, runs, experiment_id = runs_of(tmp_path)
+    assert sum(r.info.run_name.startswith("trial-") for r in runs) == 6
+    assert len(client.search_logged_models(experiment_ids=[experiment_id])) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "missing.csv", "--target", "y"], "does not exist"),
+        (["--data", "{csv}"], "--target is required"),
+        (["--data", "{csv}", "--target", "nope"], "target column 'nope' is not in"),
+        (["--data", "{csv}", "--target", "city"], "must be numeric"),
+        (["--data", "{nan}", "--target", "y"], "missing value"),
+        (["--data", "{tiny}", "--target", "y"], "too few rows"),
+        (["--trials", "0"], "--trials must be positive"),
+        (["--sampler", "bogus"], "sampler"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    rows = "\n".join(f"{i},{'a' if i % 2 else 'b'},{i * 1.5}" for i in range(30))
+    (tmp_path / "data.csv").write_text("x,city,y\n" + rows + "\n")
+    (tmp_path / "nan.csv").write_text("x,y\n" + "\n".join(f"{i},{'' if i == 3 else i}" for i in range(30)))
+    (tmp_path / "tiny.csv").write_text("x,y\n1,2\n2,3\n")
+    args = [a.format(csv="data.csv", nan="nan.csv", tiny="tiny.csv") for a in args]
+    result = subprocess.run([sys.executable, "-m", "optuna_mlflow_nested", "tune", *args, *FAST],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("optuna-mlflow-nested")
+    assert not (tmp_path / "mlflow.db").exists()  # no half-made parent run anywhere
