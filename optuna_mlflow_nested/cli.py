@@ -61,6 +61,8 @@ def _add_worker_command(subparsers: argparse._SubParsersAction) -> None:
     _add_data_arguments(worker)
     worker.add_argument("--trials", type=int, required=True, help="trials this worker runs")
     worker.add_argument("--threads", type=int, default=None, help="CatBoost threads per fit")
+    worker.add_argument("--timeout", type=float, default=None,
+                        help="stop starting trials after this many seconds")
     worker.set_defaults(handler=_run_worker)
 
 
@@ -176,14 +178,30 @@ def _run_tune(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
+    import optuna
+
     import optuna_mlflow_nested as omn
 
     X_tr, X_va, X_te, y_tr, y_va, y_te = _load_split(args)
     _quiet_logs()
+    before = len(optuna.load_study(study_name=args.study_name, storage=args.storage).trials) \
+        if _study_exists(args) else 0
     study = omn.tune_catboost(X_tr, y_tr, X_va, y_va, n_trials=args.trials, finish=False,
-                              more_trials=True, threads_per_fit=args.threads, **_tune_kwargs(args))
-    print(f"worker done: {args.trials} trial(s) on study {study.study_name!r}")
+                              more_trials=True, threads_per_fit=args.threads,
+                              timeout=args.timeout, **_tune_kwargs(args))
+    print(f"worker done: study {study.study_name!r} now has {len(study.trials)} trial(s) "
+          f"({before} before this worker started)")
     return 0
+
+
+def _study_exists(args: argparse.Namespace) -> bool:
+    import optuna
+
+    try:
+        optuna.storages.get_storage(args.storage).get_study_id_from_name(args.study_name)
+        return True
+    except KeyError:
+        return False
 
 
 def _print_summary(args: argparse.Namespace, result: object) -> None:
