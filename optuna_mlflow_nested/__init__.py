@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from optuna_mlflow_nested import datasets
+from optuna_mlflow_nested.callback import MLflowCallback
 from optuna_mlflow_nested.catboost import CatBoostResult
 from optuna_mlflow_nested.catboost import load_best_model
 from optuna_mlflow_nested.catboost import tune_catboost
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CatBoostResult",
+    "MLflowCallback",
     "NestedStudy",
     "create_study",
     "cross_validate",

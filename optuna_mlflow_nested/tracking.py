@@ -240,6 +240,11 @@ class RunRecord:
         return cls(**data)
 
 
+def trial_status(trial: FrozenTrial) -> str:
+    """MLflow's status for a finished trial: FINISHED, KILLED (pruned) or FAILED."""
+    return _STATUS.get(trial.state, "FAILED")
+
+
 def metric_names(metric_name: str | Sequence[str], n_values: int) -> list[str]:
     """MLflowCallback's naming: one name, broadcast with ``_i`` suffixes, or one per value."""
     if isinstance(metric_name, str):
@@ -314,7 +319,7 @@ def trial_record(
         trial_number=trial.number,
         run_id=run_id,
         run_name=f"trial-{trial.number}",
-        status=_STATUS.get(trial.state, "FAILED"),
+        status=trial_status(trial),
         end_time=end,
         start_time=_millis(trial.datetime_start),
         params=safe_mapping(trial.params, param_value),
@@ -343,15 +348,20 @@ def _find_trial_run(client: MlflowClient, record: RunRecord) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def deliver(client: MlflowClient, record: RunRecord) -> str:
+def deliver(client: MlflowClient, record: RunRecord, *, lookup: bool = True,
+            create_tags: dict[str, str] | None = None) -> str:
     """Write one run record: create the run if needed, one batch per limit, then close it.
 
     Idempotent: params and tags overwrite with equal values, and a record without a
-    run id first looks the trial's run up by study name and trial number.
+    run id first looks the trial's run up by study name and trial number (unless
+    ``lookup=False``: the caller knows there is none). ``create_tags`` go on a run
+    created here.
     """
-    run_id = record.run_id or _find_trial_run(client, record)
+    run_id = record.run_id or (_find_trial_run(client, record) if lookup else None)
     if run_id is None:
-        tags = {MLFLOW_PARENT_RUN_ID: record.parent_run_id} if record.parent_run_id else {}
+        tags = dict(create_tags or {})
+        if record.parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = record.parent_run_id
         run_id = client.create_run(
             record.experiment_id, start_time=record.start_time, tags=tags,
             run_name=record.run_name,
