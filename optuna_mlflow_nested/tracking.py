@@ -174,23 +174,44 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     raise RuntimeError(f"could not create or find MLflow experiment {name!r}")
 
 
+_uri_lock = threading.Lock()
+_uri_users: dict[str, int] = {}
+_uri_saved: tuple[str | None, str | None] | None = None
+
+
 @contextlib.contextmanager
 def global_tracking_uri(tracking_uri: str) -> Any:
-    """Point MLflow's fluent API at ``tracking_uri`` and restore the user's setting after."""
-    previous = _tracking_utils._tracking_uri
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    changed = mlflow.get_tracking_uri() != tracking_uri
-    if changed:
-        mlflow.set_tracking_uri(tracking_uri)
+    """Point MLflow's fluent API at ``tracking_uri`` and restore the user's setting after.
+
+    Re-entrant across threads (parallel trials each enter it): the first entry saves
+    the user's setting, the last exit restores it.
+    """
+    global _uri_saved
+    with _uri_lock:
+        if not _uri_users:
+            _uri_saved = (_tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI"))
+        elif tracking_uri not in _uri_users:
+            _logger.warning("two tracking URIs in use at once; MLflow's fluent calls follow %s",
+                            redact_uri(tracking_uri))
+        _uri_users[tracking_uri] = _uri_users.get(tracking_uri, 0) + 1
+        if mlflow.get_tracking_uri() != tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
     try:
         yield
     finally:
-        if changed:
-            mlflow.set_tracking_uri(previous)
-            if previous_env is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = previous_env
+        with _uri_lock:
+            _uri_users[tracking_uri] -= 1
+            if not _uri_users[tracking_uri]:
+                del _uri_users[tracking_uri]
+            if not _uri_users and _uri_saved is not None:
+                previous, previous_env = _uri_saved
+                _uri_saved = None
+                if _tracking_utils._tracking_uri != previous:
+                    mlflow.set_tracking_uri(previous)
+                if previous_env is None:
+                    os.environ.pop("MLFLOW_TRACKING_URI", None)
+                else:
+                    os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 @contextlib.contextmanager
