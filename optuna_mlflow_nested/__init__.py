@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from optuna_mlflow_nested import datasets
+from optuna_mlflow_nested.benchmark import SamplerReport
+from optuna_mlflow_nested.benchmark import compare_samplers
 from optuna_mlflow_nested.callback import MLflowCallback
 from optuna_mlflow_nested.catboost import CatBoostResult
 from optuna_mlflow_nested.catboost import load_best_model
@@ -19,6 +21,8 @@ __all__ = [
     "CatBoostResult",
     "MLflowCallback",
     "NestedStudy",
+    "SamplerReport",
+    "compare_samplers",
     "create_study",
     "cross_validate",
     "datasets",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from collections.abc import Sequence
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,7 +41,7 @@ from optuna_mlflow_nested.study import NestedStudy
 from optuna_mlflow_nested.study import create_study
 
 __all__ = ["CatBoostResult", "DEFAULT_SEARCH_SPACE", "load_best_model", "tune_catboost",
-           "grid_from_space"]
+           "grid_from_space", "refit_and_score"]
 
 #: The default search space (a user ``search_space`` replaces it whole).
 DEFAULT_SEARCH_SPACE: dict[str, BaseDistribution] = {
@@ -262,7 +263,7 @@ def tune_catboost(
             name: trial.suggest_categorical(name, values) for name, values in grid.items()}
         model = CatBoostRegressor(iterations=tuning_iterations, **common, **_model_params(params))
         callback = _PruningCallback(trial) if pruning else None
-        with _FIT_LOCK if n_jobs != 1 else _nullcontext():
+        with _FIT_LOCK if n_jobs != 1 else contextlib.nullcontext():
             model.fit(X_train, y_train, eval_set=(X_val, y_val) if pruning else None,
                       callbacks=[callback] if callback else None)
         if callback is not None and callback.pruned:
@@ -282,38 +283,36 @@ def tune_catboost(
                    max_iterations=max_iterations, early_stopping_rounds=early_stopping_rounds)
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def _concat(a: Any, b: Any) -> Any:
     if isinstance(a, (pd.DataFrame, pd.Series)):
         return pd.concat([a, b])
     return np.concatenate([np.asarray(a), np.asarray(b)])
 
 
-def _finish(study: NestedStudy, common: dict[str, Any], X_train: Any, y_train: Any, X_val: Any,
-            y_val: Any, X_test: Any, y_test: Any, *, max_iterations: int,
-            early_stopping_rounds: int) -> CatBoostResult:
+@dataclasses.dataclass(frozen=True)
+class _Refit:
+    model: Any
+    best_iteration: int
+    val_rmse: float
+    curve: list[float]
+    test: dict[str, float]
+
+
+def refit_and_score(params: Mapping[str, Any], X_train: Any, y_train: Any, X_val: Any, y_val: Any,
+                    X_test: Any = None, y_test: Any = None, *, common: Mapping[str, Any],
+                    max_iterations: int, early_stopping_rounds: int) -> _Refit:
+    """Steps 2-3 of the flow: early-stop on validation, refit best iteration + 1 trees on
+    train+validation, score once on the test set (if given)."""
     from catboost import CatBoostRegressor
 
-    best = dict(study.best_params)
-    params = {**common, **_model_params(best)}
+    full = {**common, **_model_params(params)}
     stopped = CatBoostRegressor(iterations=max_iterations, early_stopping_rounds=early_stopping_rounds,
-                                **params)
+                                **full)
     stopped.fit(X_train, y_train, eval_set=(X_val, y_val), use_best_model=True)
     best_iteration = int(stopped.get_best_iteration())
-    val_rmse = float(stopped.get_best_score()["validation"]["RMSE"])
-    curve = stopped.get_evals_result()["validation"]["RMSE"]
-    tree_count = best_iteration + 1
-    final = CatBoostRegressor(iterations=tree_count, **params)
+    final = CatBoostRegressor(iterations=best_iteration + 1, **full)
     final.fit(_concat(X_train, X_val), _concat(y_train, y_val))
-
-    test = {}
+    test: dict[str, float] = {}
     if X_test is not None:
         from sklearn.metrics import mean_absolute_error
         from sklearn.metrics import r2_score
@@ -322,17 +321,32 @@ def _finish(study: NestedStudy, common: dict[str, Any], X_train: Any, y_train: A
         test = {"test_rmse": _rmse(y_test, predicted),
                 "test_mae": float(mean_absolute_error(y_test, predicted)),
                 "test_r2": float(r2_score(y_test, predicted))}
+    return _Refit(final, best_iteration, float(stopped.get_best_score()["validation"]["RMSE"]),
+                  list(stopped.get_evals_result()["validation"]["RMSE"]), test)
+
+
+def _finish(study: NestedStudy, common: dict[str, Any], X_train: Any, y_train: Any, X_val: Any,
+            y_val: Any, X_test: Any, y_test: Any, *, max_iterations: int,
+            early_stopping_rounds: int) -> CatBoostResult:
+    best = dict(study.best_params)
+    refit = refit_and_score(best, X_train, y_train, X_val, y_val, X_test, y_test, common=common,
+                            max_iterations=max_iterations,
+                            early_stopping_rounds=early_stopping_rounds)
+    tree_count = refit.best_iteration + 1
+    if X_test is not None:
         plot_x, plot_y, plot_name = X_test, y_test, "test"
     else:
         plot_x, plot_y, plot_name = X_val, y_val, "validation"
-    model_uri = _log_finish(study, final, best, curve, plot_x, plot_y, plot_name, metrics={
-        VAL_METRIC: val_rmse, "best_iteration": float(best_iteration),
-        "tree_count": float(tree_count), "best_trial_val_rmse": float(study.best_value), **test})
+    model_uri = _log_finish(study, refit.model, best, refit.curve, plot_x, plot_y, plot_name, metrics={
+        VAL_METRIC: refit.val_rmse, "best_iteration": float(refit.best_iteration),
+        "tree_count": float(tree_count), "best_trial_val_rmse": float(study.best_value),
+        **refit.test})
     return CatBoostResult(
-        best_params=best, best_value=float(study.best_value), best_iteration=best_iteration,
-        tree_count=tree_count, val_rmse_early_stopped=val_rmse, test_rmse=test.get("test_rmse"),
-        test_mae=test.get("test_mae"), test_r2=test.get("test_r2"), model=final,
-        model_uri=model_uri, parent_run_id=study.parent_run_id, study=study,
+        best_params=best, best_value=float(study.best_value), best_iteration=refit.best_iteration,
+        tree_count=tree_count, val_rmse_early_stopped=refit.val_rmse,
+        test_rmse=refit.test.get("test_rmse"), test_mae=refit.test.get("test_mae"),
+        test_r2=refit.test.get("test_r2"), model=refit.model, model_uri=model_uri,
+        parent_run_id=study.parent_run_id, study=study,
     )
 
 

@@ -1,0 +1,22 @@
+"""The published sampler benchmark: TPE, random, grid and QMC on the CatBoost problems.
+
+48 trials per study, 5 seeds, problems diabetes, friedman1 and wide (six parameters),
+report and plots written to benchmarks/samplers/ (report.md, samplers-<problem>.png),
+every study nested under a benchmark run in MLflow (sqlite:///mlflow.db by default).
+
+    python benchmarks/samplers.py            # the full benchmark (target: < 30 min, 2 cores)
+    python benchmarks/samplers.py --quick    # smoke run (target: < 2 min)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from optuna_mlflow_nested.cli import main
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    code = main(["benchmark", "--out", "benchmarks/samplers", *sys.argv[1:]])
+    print(f"total wall time: {time.perf_counter() - start:.0f} s")
+    raise SystemExit(code)
