@@ -216,7 +216,8 @@ def tune_catboost(
     run, then finishes again on the final best. With ``finish=False`` only the trials
     run and the :class:`NestedStudy` is returned; with ``more_trials=True`` ``n_trials``
     more trials run whatever the study holds (what worker processes do).
-    ``threads_per_fit`` overrides CatBoost's ``thread_count`` (default: cores / n_jobs).
+    ``threads_per_fit`` overrides CatBoost's ``thread_count`` (default: all cores, as
+    fits in one process take turns; worker processes pass their share).
     With ``pruning=True`` each trial reports validation RMSE every 10 trees and
     ``pruner`` (default ``MedianPruner(n_startup_trials=5, n_warmup_steps=30)``) may
     stop it; pruned trials end KILLED in MLflow.
@@ -243,7 +244,8 @@ def tune_catboost(
     X_train, X_val = _prepare(X_train, cats), _prepare(X_val, cats)
     X_test = _prepare(X_test, cats) if X_test is not None else None
     grid = _default_grid(space, n_trials) if sampler == "grid" else None
-    threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs))
+    # Fits in one process take turns (_FIT_LOCK), so each may use every core.
+    threads = os.cpu_count() or 1
     common = {"random_seed": seed, "allow_writing_files": False, "thread_count": threads,
               "verbose": False, "loss_function": "RMSE", "cat_features": cats}
     study = create_study(
