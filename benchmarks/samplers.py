@@ -1,6 +1,6 @@
 """The published sampler benchmark: TPE, random, grid and QMC on the CatBoost problems.
 
-48 trials per study, 5 seeds, problems diabetes, friedman1 and wide (six parameters),
+48 trials per study, 10 seeds, problems diabetes, friedman1 and wide (six parameters),
 report and plots written to benchmarks/samplers/ (report.md, samplers-<problem>.png),
 every study nested under a benchmark run in MLflow (sqlite:///mlflow.db by default).
 

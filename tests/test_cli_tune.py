@@ -79,15 +79,24 @@ def test_workers_share_one_study_and_finish_once(tmp_path: Path) -> None:
         (["--sampler", "bogus"], "sampler"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], message: str,
+                                        capsys: pytest.CaptureFixture) -> None:
     rows = "\n".join(f"{i},{'a' if i % 2 else 'b'},{i * 1.5}" for i in range(30))
     (tmp_path / "data.csv").write_text("x,city,y\n" + rows + "\n")
     (tmp_path / "nan.csv").write_text("x,y\n" + "\n".join(f"{i},{'' if i == 3 else i}" for i in range(30)))
     (tmp_path / "tiny.csv").write_text("x,y\n1,2\n2,3\n")
     args = [a.format(csv="data.csv", nan="nan.csv", tiny="tiny.csv") for a in args]
-    result = subprocess.run([sys.executable, "-m", "optuna_mlflow_nested", "tune", *args, *FAST],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    assert main(["tune", *args, *FAST]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("optuna-mlflow-nested")
     assert not (tmp_path / "mlflow.db").exists()  # no half-made parent run anywhere
+
+
+def test_bad_input_from_the_installed_command(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "optuna_mlflow_nested", "tune", "--data",
+                             "missing.csv", "--target", "y"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "optuna-mlflow-nested tune: error: data file 'missing.csv' does not exist"]
+    assert not (tmp_path / "mlflow.db").exists()
