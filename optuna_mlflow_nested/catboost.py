@@ -185,6 +185,47 @@ def _model_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _DEFAULT_PRUNER() -> optuna.pruners.BasePruner:
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=30)
+
+
+def catboost_study(*, study_name: str | None, experiment_name: str | None,
+                   tracking_uri: str | None, storage: Any, sampler: Any, seed: int,
+                   grid: dict[str, list] | None = None, search_space: Mapping[str, Any] | None = None,
+                   n_trials: int | None = None,
+                   pruner: optuna.pruners.BasePruner | None = None) -> NestedStudy:
+    """The study (and parent run) :func:`tune_catboost` works in: created once, joined after.
+
+    For ``sampler="grid"`` give ``grid``, or ``search_space`` and ``n_trials`` to derive it.
+    """
+    if sampler == "grid":
+        # Workers joining later must search the grid the study was created with.
+        grid = _stored_grid(storage, study_name) or grid or _default_grid(
+            _space(search_space), n_trials or 1)
+    study = create_study(
+        study_name, experiment_name=experiment_name, tracking_uri=tracking_uri, storage=storage,
+        sampler=sampler, search_space=grid, seed=seed, load_if_exists=True, pruner=pruner,
+        metric_name=VAL_METRIC, tags={"model": "CatBoostRegressor"},
+    )
+    if grid is not None and GRID_ATTR not in study.user_attrs:
+        study.set_user_attr(GRID_ATTR, grid)
+    return study
+
+
+GRID_ATTR = "omn.grid"
+
+
+def _stored_grid(storage: Any, study_name: str | None) -> dict[str, list] | None:
+    if storage is None or study_name is None:
+        return None
+    try:
+        store = optuna.storages.get_storage(storage)
+        attrs = store.get_study_user_attrs(store.get_study_id_from_name(study_name))
+    except KeyError:
+        return None
+    return attrs.get(GRID_ATTR)
+
+
 def tune_catboost(
     X_train: Any, y_train: Any, X_val: Any, y_val: Any, X_test: Any = None, y_test: Any = None,
     *,
@@ -248,13 +289,11 @@ def tune_catboost(
     threads = os.cpu_count() or 1
     common = {"random_seed": seed, "allow_writing_files": False, "thread_count": threads,
               "verbose": False, "loss_function": "RMSE", "cat_features": cats}
-    study = create_study(
-        study_name, experiment_name=experiment_name, tracking_uri=tracking_uri, storage=storage,
-        sampler=sampler, search_space=grid, seed=seed, load_if_exists=True,
-        pruner=(pruner or optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=30))
-        if pruning else None,
-        metric_name=VAL_METRIC, tags={"model": "CatBoostRegressor"},
-    )
+    study = catboost_study(study_name=study_name, experiment_name=experiment_name,
+                           tracking_uri=tracking_uri, storage=storage, sampler=sampler, grid=grid,
+                           seed=seed, pruner=(pruner or _DEFAULT_PRUNER()) if pruning else None)
+    if grid is not None:
+        grid = study.user_attrs[GRID_ATTR]  # the study's own grid, when it already had one
     if threads_per_fit is not None:
         common["thread_count"] = threads_per_fit
 

@@ -161,10 +161,11 @@ def _run_tune(args: argparse.Namespace) -> int:
     common = _tune_kwargs(args)
     if args.workers > 1:
         # Create the study and its parent run once, then let the workers share it.
-        study = omn.create_study(args.study_name, experiment_name=args.experiment,
-                                 tracking_uri=args.tracking_uri, storage=args.storage,
-                                 sampler=args.sampler, seed=args.seed, load_if_exists=True,
-                                 metric_name="val_rmse", tags={"model": "CatBoostRegressor"})
+        from optuna_mlflow_nested.catboost import catboost_study
+
+        study = catboost_study(study_name=args.study_name, experiment_name=args.experiment,
+                               tracking_uri=args.tracking_uri, storage=args.storage,
+                               sampler=args.sampler, seed=args.seed, n_trials=args.trials)
         done = len([t for t in study.trials if t.state.is_finished()])
         if args.trials - done > 0:
             _run_workers(args, args.trials - done)

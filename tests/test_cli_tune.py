@@ -100,3 +100,14 @@ def test_bad_input_from_the_installed_command(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "optuna-mlflow-nested tune: error: data file 'missing.csv' does not exist"]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_grid_search_with_workers_uses_one_grid(tmp_path: Path) -> None:
+    import optuna
+
+    assert main(["tune", "--trials", "4", "--workers", "2", "--sampler", "grid", *FAST]) == 0
+    study = optuna.load_study(study_name="catboost-tune", storage="sqlite:///optuna.db")
+    grid = study.user_attrs["omn.grid"]
+    assert len(study.trials) == 4
+    for trial in study.trials:
+        assert all(trial.params[name] in values for name, values in grid.items())
