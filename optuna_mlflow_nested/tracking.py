@@ -864,17 +864,6 @@ class TrialTracker:
             self._http_retries.close()
             _live_trackers.discard(self)
 
-    def reconcile(self, study: optuna.Study, orphan_age: float = 3600.0) -> int:
-        """Finish child runs left RUNNING by dead workers; returns how many were mended.
-
-        A run still RUNNING whose trial Optuna has finished (e.g. a stale trial failed
-        through Optuna's heartbeat) gets its final record. Spare runs never handed to
-        a trial and older than ``orphan_age`` seconds are deleted.
-        """
-        return reconcile_study(self._client, study, experiment_id=self.experiment_id,
-                               parent_run_id=self.parent_run_id, tracking_uri=self.tracking_uri,
-                               metric_name=self.metric_name, orphan_age=orphan_age)
-
     @property
     def spool_path(self) -> Path:
         return self._spool.path
