@@ -18,3 +18,14 @@ def test_readme_api_example_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "trial-" in result.stdout and (tmp_path / "mlflow.db").exists()
     assert "View run" not in result.stdout
+
+
+def test_readme_compare_samplers_example_runs(tmp_path: Path) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    example = next(b for b in blocks if "omn.compare_samplers(" in b)
+    check = "\nassert len(report.results) == 18, report.results\n"
+    result = subprocess.run([sys.executable, "-c", example + check], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "12 trials per study, 6 seeds" in result.stdout
+    assert (tmp_path / "samplers.png").stat().st_size > 0

@@ -237,6 +237,17 @@ def test_samplers_by_name(tracking_uri: str, name: str, cls: str) -> None:
         assert sorted(t.params["x"] for t in study.trials) == [0.0, 1.0, 2.0]
 
 
+def test_gp_sampler_or_a_clear_error_without_pytorch(tracking_uri: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match='sampler="gp" needs PyTorch'):
+            omn.create_study("gp", tracking_uri=tracking_uri, sampler="gp")
+    else:
+        study = omn.create_study("gp", tracking_uri=tracking_uri, sampler="gp", seed=0)
+        assert type(study.sampler).__name__ == "GPSampler"
+
+
 def test_sampler_object_is_used_as_is(tracking_uri: str) -> None:
     sampler = optuna.samplers.RandomSampler(seed=9)
     assert omn.create_study("obj", tracking_uri=tracking_uri, sampler=sampler).sampler is sampler
