@@ -1111,15 +1111,20 @@ def log_fold_run(client: MlflowClient, experiment_id: str, parent_run_id: str | 
         synchronous=True,
     )
     if model is not None:
+        import inspect
+
         import mlflow.sklearn
 
         kwargs: dict[str, Any] = {}
-        try:  # MLflow saves with skops; the types of a model we just fitted are ours to trust
-            import skops.io
+        # Newer MLflow saves with skops; the types of a model we just fitted are ours to trust.
+        if "skops_trusted_types" in inspect.signature(mlflow.sklearn.log_model).parameters:
+            try:
+                import skops.io
 
-            kwargs["skops_trusted_types"] = skops.io.get_untrusted_types(data=skops.io.dumps(model))
-        except ImportError:
-            pass
+                kwargs["skops_trusted_types"] = skops.io.get_untrusted_types(
+                    data=skops.io.dumps(model))
+            except ImportError:
+                pass
         import sklearn
 
         # Explicit requirements: inferring them starts a subprocess per model (seconds each).

@@ -211,14 +211,19 @@ def test_no_deprecation_warning() -> None:
 def test_file_store_error_passes_through(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     uri = (tmp_path / "mlruns").as_uri()
-    errors = []
+    outcomes: list[BaseException | None] = []
     for cls in (LegacyCallback, omn.MLflowCallback):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             callback = cls(tracking_uri=uri)
-        with pytest.raises(Exception) as info:
-            optuna.create_study(study_name=f"f{len(errors)}").optimize(
+        try:
+            optuna.create_study(study_name=f"f{len(outcomes)}").optimize(
                 lambda t: t.suggest_float("x", 0, 1), n_trials=1, callbacks=[callback])
-        errors.append(info.value)
-    assert type(errors[0]) is type(errors[1])
-    assert str(errors[0]) == str(errors[1])
+            outcomes.append(None)
+        except Exception as error:  # noqa: BLE001 - the error itself is under test
+            outcomes.append(error)
+    legacy, ours = outcomes
+    # Recent MLflow refuses file stores (3.8 still accepted them): either way, exactly
+    # what the legacy callback does.
+    assert type(legacy) is type(ours)
+    assert str(legacy) == str(ours)
