@@ -249,8 +249,9 @@ def test_many_workers_on_postgres_and_a_server(tmp_path: Path, postgres_url: str
     admin.autocommit = True
     backend = postgres_url.rsplit("/", 1)[0] + "/" + postgres_url.rsplit("/", 1)[1] + "_mlflow"
     admin.cursor().execute(f"CREATE DATABASE {backend.rsplit('/', 1)[1]}")
-    server = MlflowServer(tmp_path / "pgsrv", backend_uri=backend.replace("postgresql://", "postgresql+psycopg2://")).start()
+    server = MlflowServer(tmp_path / "pgsrv", backend_uri=backend.replace("postgresql://", "postgresql+psycopg2://"))
     try:
+        server.start()
         storage = postgres_url.replace("postgresql://", "postgresql+psycopg2://")
         optuna.storages.RDBStorage(storage)  # schema first; the race under test is the study
         ctx = multiprocessing.get_context("spawn")
