@@ -154,6 +154,7 @@ def main() -> None:
     n = args.trials or (30 if args.quick else 120)
     small, large = (100, 500) if args.quick else (100, 5000)
     root = Path(tempfile.mkdtemp(prefix="omn-overhead-"))
+    os.chdir(root)  # MLflow puts a SQLite store's artifacts in ./mlruns: keep them here
     print(f"{datetime.date.today()}  cores: {os.cpu_count()}  trials per configuration: {n}")
 
     rows = [side_by_side("SQLite", f"sqlite:///{root}/sqlite.db", n, args.repeats)]

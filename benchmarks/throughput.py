@@ -30,13 +30,14 @@ def run(workers: int, seconds: float, data: str, iterations: int) -> tuple[float
               "--study-name", "throughput", "--tuning-iterations", str(iterations),
               "--sampler", "random", "--threads", "1"]
     # Create the study (and the tracking store) once, so workers only race on trials.
+    # cwd: MLflow puts a SQLite store's artifacts in ./mlruns, which belongs in the scratch folder.
     subprocess.run([sys.executable, "-m", "optuna_mlflow_nested", "worker", "--trials", "1",
-                    *common], check=True, capture_output=True)
+                    *common], check=True, capture_output=True, cwd=folder)
     start = time.perf_counter()
     # Every worker runs for the same time window, so no worker idles at the end.
     procs = [subprocess.Popen([sys.executable, "-m", "optuna_mlflow_nested", "worker", "--trials",
                                "100000", "--timeout", str(seconds), *common],
-                              stdout=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, cwd=folder)
              for _ in range(workers)]
     if any(p.wait() != 0 for p in procs):
         sys.exit("a worker failed")
