@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import io
 import json
 import logging
@@ -1095,6 +1096,23 @@ def _log_figures(client: MlflowClient, run_id: str, study: optuna.Study) -> None
                 _logger.warning("could not draw %s: %s", name, exc)
 
 
+@functools.cache
+def _sklearn_log_model_takes_skops_types() -> bool:
+    """Whether this MLflow saves scikit-learn models with skops and takes
+    ``skops_trusted_types`` (3.17 does, 3.8 does not); checked once, not per fold."""
+    import inspect
+
+    import mlflow.sklearn
+
+    if "skops_trusted_types" not in inspect.signature(mlflow.sklearn.log_model).parameters:
+        return False
+    try:
+        import skops.io  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def log_fold_run(client: MlflowClient, experiment_id: str, parent_run_id: str | None, fold: int,
                  *, metrics: dict[str, float], params: dict[str, Any], model: Any = None) -> str:
     """One cross-validation fold as a finished run ``fold-<i>`` under ``parent_run_id``."""
@@ -1111,20 +1129,14 @@ def log_fold_run(client: MlflowClient, experiment_id: str, parent_run_id: str | 
         synchronous=True,
     )
     if model is not None:
-        import inspect
-
         import mlflow.sklearn
 
         kwargs: dict[str, Any] = {}
-        # Newer MLflow saves with skops; the types of a model we just fitted are ours to trust.
-        if "skops_trusted_types" in inspect.signature(mlflow.sklearn.log_model).parameters:
-            try:
-                import skops.io
+        if _sklearn_log_model_takes_skops_types():
+            # MLflow saves with skops; the types of a model we just fitted are ours to trust.
+            import skops.io
 
-                kwargs["skops_trusted_types"] = skops.io.get_untrusted_types(
-                    data=skops.io.dumps(model))
-            except ImportError:
-                pass
+            kwargs["skops_trusted_types"] = skops.io.get_untrusted_types(data=skops.io.dumps(model))
         import sklearn
 
         # Explicit requirements: inferring them starts a subprocess per model (seconds each).
