@@ -227,3 +227,10 @@ def test_file_store_error_passes_through(tmp_path, monkeypatch: pytest.MonkeyPat
     # what the legacy callback does.
     assert type(legacy) is type(ours)
     assert str(legacy) == str(ours)
+    # And what MLflow itself does with that URI, so an MLflow that refuses is seen to refuse.
+    try:
+        MlflowClient((tmp_path / "probe").as_uri()).search_experiments()
+        refused = False
+    except Exception:  # noqa: BLE001
+        refused = True
+    assert (ours is not None) == refused
