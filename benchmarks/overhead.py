@@ -4,9 +4,10 @@ Side by side in one run, on a SQLite tracking store and on a local `mlflow serve
 that this script starts (127.0.0.1, own process group, stopped with os.killpg).
 Objective: three params, sleeps 50 ms; RandomSampler; overhead per trial =
 (optimize wall time, including the final flush and parent summary, minus bare
-Optuna's) / trials. Each store: a cold round (the first run of each in this process)
-and then warm rounds of bare, ours and MLflowCallback interleaved (median reported). MLflowCallback is optuna-integration's, nested under a parent
-run (mlflow_kwargs={"nested": True}), the closest it comes to a tree.
+Optuna's) / trials. Each store: a cold round (the first run of each in this process),
+then warm rounds of bare, ours and MLflowCallback interleaved (median reported).
+MLflowCallback is optuna-integration's, nested under a parent run
+(mlflow_kwargs={"nested": True}), the closest it comes to a tree.
 
 Then the scaling run (SQLite, RandomSampler, an objective that returns at once, so
 the whole cost is logging): overhead per trial at 100 and at 5,000 trials, and the
@@ -14,6 +15,7 @@ growth of resident memory over the 5,000 trials (bare Optuna's own growth shown 
 
     python benchmarks/overhead.py            # full: 120 trials per configuration, 3 warm rounds
     python benchmarks/overhead.py --quick    # smoke run: 30 trials, 500 for scaling
+    python benchmarks/overhead.py --breakdown  # the once-per-optimize steps, cold and warm
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -125,7 +128,19 @@ class Server:
                 pass
 
 
-def side_by_side(label: str, uri: str, n: int, repeats: int) -> tuple[str, float, float, float, float]:
+class Row(NamedTuple):
+    store: str
+    ours_ms: float
+    legacy_ms: float
+    cold_ours_ms: float
+    cold_legacy_ms: float
+
+
+def _values(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+def side_by_side(label: str, uri: str, n: int, repeats: int) -> Row:
     """Cold: the first run of each in this process (imports, caches, a fresh store).
     Warm: then ``repeats`` rounds of bare, ours, MLflowCallback, interleaved so that
     machine noise hits all three alike; the medians are reported."""
@@ -137,12 +152,49 @@ def side_by_side(label: str, uri: str, n: int, repeats: int) -> tuple[str, float
         base = bare(sleepy, n) / n * 1000
         warm_ours.append(ours(sleepy, n, uri) / n * 1000 - base)
         warm_legacy.append(legacy(sleepy, n, uri) / n * 1000 - base)
-    ours_ms, legacy_ms = statistics.median(warm_ours), statistics.median(warm_legacy)
+    row = Row(label, statistics.median(warm_ours), statistics.median(warm_legacy),
+              cold_ours, cold_legacy)
     print(f"  {label}: cold ours +{cold_ours:.2f} ms, MLflowCallback +{cold_legacy:.2f} ms; "
-          f"warm (median of {repeats}) ours +{ours_ms:.2f} ms "
-          f"[{', '.join(f'{v:.2f}' for v in warm_ours)}], MLflowCallback +{legacy_ms:.2f} ms "
-          f"[{', '.join(f'{v:.2f}' for v in warm_legacy)}]", flush=True)
-    return label, ours_ms, legacy_ms, cold_ours, cold_legacy
+          f"warm (median of {repeats}) ours +{row.ours_ms:.2f} ms [{_values(warm_ours)}], "
+          f"MLflowCallback +{row.legacy_ms:.2f} ms [{_values(warm_legacy)}]", flush=True)
+    return row
+
+
+def breakdown(uri: str, n: int) -> None:
+    """Where ours spends its time once per optimize (SQLite): each end-of-optimize step
+    timed by wrapping it, for the first (cold) and a second (warm) search."""
+    from optuna_mlflow_nested import tracking
+
+    spent: dict[str, float] = {}
+
+    def timed(owner: object, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+
+    steps = [(tracking.TrialTracker, "stop", "flush the writer, delete spare runs"),
+             (tracking, "reconcile_study", "reconcile"),
+             (tracking, "log_parent_summary", "parent summary (incl. figures)"),
+             (tracking, "_log_figures", "the two figures"),
+             (tracking, "set_run_status", "parent status")]
+    for owner, name, label in steps:
+        timed(owner, name, label)
+    print(f"\nBreakdown (SQLite, {n} trials of the 50 ms objective):")
+    print("| search | overhead (ms/trial) | " + " | ".join(s[2] for s in steps) + " |")
+    print("| --- " * (len(steps) + 2) + "|")
+    for label in ("cold (first)", "warm (second)"):
+        spent.clear()
+        base = bare(sleepy, n) / n * 1000
+        overhead = ours(sleepy, n, uri) / n * 1000 - base
+        cells = [f"{spent.get(step[2], 0.0) * 1000:.0f} ms" for step in steps]
+        print(f"| {label} | {overhead:.2f} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -150,11 +202,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="warm rounds per store")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only time the once-per-optimize steps (run it in a fresh process)")
     args = parser.parse_args()
     n = args.trials or (30 if args.quick else 120)
     small, large = (100, 500) if args.quick else (100, 5000)
     root = Path(tempfile.mkdtemp(prefix="omn-overhead-"))
     os.chdir(root)  # MLflow puts a SQLite store's artifacts in ./mlruns: keep them here
+    if args.breakdown:
+        bare(sleepy, n)  # Optuna's own first-run costs are not ours
+        breakdown(f"sqlite:///{root}/breakdown.db", n)
+        return
     print(f"{datetime.date.today()}  cores: {os.cpu_count()}  trials per configuration: {n}")
 
     rows = [side_by_side("SQLite", f"sqlite:///{root}/sqlite.db", n, args.repeats)]
@@ -166,9 +224,11 @@ def main() -> None:
 
     print("\n| tracking store | run | ours (ms/trial) | MLflowCallback (ms/trial) | ratio (target <= 0.20) |")
     print("| --- | --- | --- | --- | --- |")
-    for label, ours_ms, legacy_ms, cold_ours, cold_legacy in rows:
-        print(f"| {label} | cold (first) | {cold_ours:.2f} | {cold_legacy:.2f} | {cold_ours / cold_legacy:.3f} |")
-        print(f"| {label} | warm (median) | {ours_ms:.2f} | {legacy_ms:.2f} | {ours_ms / legacy_ms:.3f} |")
+    for row in rows:
+        print(f"| {row.store} | cold (first) | {row.cold_ours_ms:.2f} | {row.cold_legacy_ms:.2f} | "
+              f"{row.cold_ours_ms / row.cold_legacy_ms:.3f} |")
+        print(f"| {row.store} | warm (median) | {row.ours_ms:.2f} | {row.legacy_ms:.2f} | "
+              f"{row.ours_ms / row.legacy_ms:.3f} |")
 
     uri = f"sqlite:///{root}/scaling.db"
     ours(instant, 5, uri)  # warm the store and the imports
