@@ -25,8 +25,8 @@ import datetime
 import os
 from pathlib import Path
 import signal
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +52,55 @@ def sleepy(trial: optuna.Trial) -> float:
     trial.suggest_categorical("c", ["x", "y", "z"])
     time.sleep(0.05)
     return a + b
+
+
+_WORK = {"numpy": 0, "python": 0}
+
+
+def _numpy_work(repeats: int) -> float:
+    import numpy as np
+
+    matrix = np.arange(3600, dtype=float).reshape(60, 60) % 7
+    matrix = matrix + matrix.T
+    total = 0.0
+    for _ in range(repeats):
+        total += float(np.linalg.eigvalsh(matrix)[0])
+    return total
+
+
+def _python_work(repeats: int) -> float:
+    total = 0
+    for i in range(repeats):
+        total += (i * i) % 7
+    return float(total)
+
+
+def calibrate(seconds: float = 0.1) -> None:
+    """A fixed amount of work per trial (~``seconds`` here, alone), not a time budget:
+    CPU time would also count the writer's threads and shorten the objective."""
+    for kind, work, unit in (("numpy", _numpy_work, 10), ("python", _python_work, 100_000)):
+        start = time.perf_counter()
+        work(unit)
+        _WORK[kind] = max(1, int(unit * seconds / (time.perf_counter() - start)))
+
+
+def numpy_bound(trial: optuna.Trial) -> float:
+    """~100 ms of small eigenvalue problems (one BLAS thread: set OPENBLAS_NUM_THREADS=1)."""
+    a = trial.suggest_float("a", 0, 1)
+    trial.suggest_int("b", 0, 10)
+    trial.suggest_categorical("c", ["x", "y", "z"])
+    return a + 0.0 * _numpy_work(_WORK["numpy"])
+
+
+def python_bound(trial: optuna.Trial) -> float:
+    """~100 ms of pure-Python arithmetic (holds the GIL throughout)."""
+    a = trial.suggest_float("a", 0, 1)
+    trial.suggest_int("b", 0, 10)
+    trial.suggest_categorical("c", ["x", "y", "z"])
+    return a + 0.0 * _python_work(_WORK["python"])
+
+
+OBJECTIVES = {"sleep": sleepy, "numpy": numpy_bound, "python": python_bound}
 
 
 def instant(trial: optuna.Trial) -> float:
@@ -140,10 +189,11 @@ def _values(values: list[float]) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
 
-def side_by_side(label: str, uri: str, n: int, repeats: int) -> Row:
+def side_by_side(label: str, uri: str, n: int, repeats: int, sleepy=sleepy) -> Row:
     """Cold: the first run of each in this process (imports, caches, a fresh store).
     Warm: then ``repeats`` rounds of bare, ours, MLflowCallback, interleaved so that
-    machine noise hits all three alike; the medians are reported."""
+    machine noise hits all three alike; the medians are reported. ``sleepy``: the
+    objective (sleeping by default)."""
     base = (bare(sleepy, n) + bare(sleepy, n)) / 2 / n * 1000
     cold_ours = ours(sleepy, n, uri) / n * 1000 - base
     cold_legacy = legacy(sleepy, n, uri) / n * 1000 - base
@@ -163,7 +213,10 @@ def side_by_side(label: str, uri: str, n: int, repeats: int) -> Row:
 def breakdown(uri: str, n: int) -> None:
     """Where ours spends its time once per optimize (SQLite): each end-of-optimize step
     timed by wrapping it, for the first (cold) and a second (warm) search."""
+    from optuna_mlflow_nested import study as study_module
     from optuna_mlflow_nested import tracking
+    from optuna_mlflow_nested.tracking import figures
+    from optuna_mlflow_nested.tracking import parent
 
     spent: dict[str, float] = {}
 
@@ -180,9 +233,9 @@ def breakdown(uri: str, n: int) -> None:
         setattr(owner, name, wrapper)
 
     steps = [(tracking.TrialTracker, "stop", "flush the writer, delete spare runs"),
-             (tracking, "reconcile_study", "reconcile"),
-             (tracking, "log_parent_summary", "parent summary (incl. figures)"),
-             (tracking, "_log_figures", "the two figures"),
+             (study_module, "reconcile_study", "reconcile"),
+             (parent, "log_parent_summary", "parent summary (incl. figures)"),
+             (figures, "log_figures", "the two figures"),
              (tracking, "set_run_status", "parent status")]
     for owner, name, label in steps:
         timed(owner, name, label)
@@ -202,6 +255,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="warm rounds per store")
+    parser.add_argument("--objectives", default="sleep",
+                        help="comma-separated: sleep (50 ms), numpy, python (~100 ms of work)")
+    parser.add_argument("--writer", default="threads",
+                        help="this project's writer: threads, process, or both")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the instant-objective run")
     parser.add_argument("--breakdown", action="store_true",
                         help="only time the once-per-optimize steps (run it in a fresh process)")
     args = parser.parse_args()
@@ -215,20 +273,33 @@ def main() -> None:
         return
     print(f"{datetime.date.today()}  cores: {os.cpu_count()}  trials per configuration: {n}")
 
-    rows = [side_by_side("SQLite", f"sqlite:///{root}/sqlite.db", n, args.repeats)]
+    calibrate()
+    writers = ["threads", "process"] if args.writer == "both" else [args.writer]
     server = Server(root / "server")
+    rows = []
     try:
-        rows.append(side_by_side("mlflow server", server.uri, n, args.repeats))
+        for kind in args.objectives.split(","):
+            for writer in writers:
+                os.environ["OMN_WRITER"] = writer
+                for store, uri in (("SQLite", f"sqlite:///{root}/sqlite-{kind}-{writer}.db"),
+                                   ("mlflow server", server.uri)):
+                    row = side_by_side(f"{store}, {kind}, writer {writer}", uri, n, args.repeats,
+                                       OBJECTIVES[kind])
+                    rows.append(row)
     finally:
         server.stop()
+        os.environ.pop("OMN_WRITER", None)
 
-    print("\n| tracking store | run | ours (ms/trial) | MLflowCallback (ms/trial) | ratio (target <= 0.20) |")
+    print("\n| tracking store, objective, writer | run | ours (ms/trial) | MLflowCallback (ms/trial) "
+          "| ratio (target <= 0.10) |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row.store} | cold (first) | {row.cold_ours_ms:.2f} | {row.cold_legacy_ms:.2f} | "
               f"{row.cold_ours_ms / row.cold_legacy_ms:.3f} |")
         print(f"| {row.store} | warm (median) | {row.ours_ms:.2f} | {row.legacy_ms:.2f} | "
               f"{row.ours_ms / row.legacy_ms:.3f} |")
+    if args.no_scaling:
+        return
 
     uri = f"sqlite:///{root}/scaling.db"
     ours(instant, 5, uri)  # warm the store and the imports
@@ -243,7 +314,7 @@ def main() -> None:
     rss_before = rss_mb()
     bare(instant, large)
     bare_growth = rss_mb() - rss_before
-    print(f"\n| trials | overhead (ms/trial) | RSS growth during optimize (MB) |")
+    print("\n| trials | overhead (ms/trial) | RSS growth during optimize (MB) |")
     print("| --- | --- | --- |")
     for count in (small, large):
         print(f"| {count} | {per_trial[count]:.2f} | {rss_growth[count]:.1f} |")

@@ -15,7 +15,8 @@ import optuna
 import pandas as pd
 
 import optuna_mlflow_nested as omn
-from optuna_mlflow_nested.datasets import load_diabetes, train_val_test_split
+from optuna_mlflow_nested.datasets import load_diabetes
+from optuna_mlflow_nested.datasets import train_val_test_split
 
 
 def make_frame(seed: int = 0) -> tuple[pd.DataFrame, pd.Series]:

@@ -8,16 +8,17 @@ Run:  python examples/lasso_grid.py
 
 from __future__ import annotations
 
-import numpy as np
-import optuna
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
+import numpy as np
+import optuna
 from sklearn.linear_model import Lasso
 from sklearn.metrics import mean_squared_error
 from sklearn.preprocessing import StandardScaler
 
 import optuna_mlflow_nested as omn
-from optuna_mlflow_nested.datasets import load_diabetes, train_val_test_split
+from optuna_mlflow_nested.datasets import load_diabetes
+from optuna_mlflow_nested.datasets import train_val_test_split
 
 ALPHAS = [1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001]
 

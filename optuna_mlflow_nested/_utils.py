@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+import functools
 import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import ParamSpec
+from typing import TypeVar
+from urllib.parse import urlsplit
+from urllib.parse import urlunsplit
 
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -37,7 +41,7 @@ def redact_uri(uri: str | None) -> str | None:
 _USERINFO = re.compile(r"(\w[\w+.-]*://[^:/@\s]*):[^@/\s]+@")
 
 
-def redact_secrets(text: str) -> str:
+def redact_secrets(text: object) -> str:
     """Remove passwords from every URI inside ``text`` (exception messages, logs).
 
     >>> redact_secrets("failed: http://u:pw@host:5000/api")
@@ -92,8 +96,46 @@ def safe_mapping(items: dict[str, Any], to_value: Any) -> dict[str, str]:
     return out
 
 
-def is_finite_number(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
+def scrub_exception(exc: BaseException) -> BaseException:
+    """Mask passwords in ``exc`` and the exceptions chained to it, in place; returns it.
+
+    MLflow puts the whole tracking URI, credentials included, into its exception
+    messages ("API request to http://user:pw@host/... failed"): anything that lets such
+    an exception out (re-raised, logged, or printed as a traceback) scrubs it first.
+
+    >>> str(scrub_exception(RuntimeError("to http://u:pw@h/api failed")))
+    'to http://u:***@h/api failed'
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        try:
+            if any(isinstance(a, str) and _USERINFO.search(a) for a in current.args):
+                current.args = tuple(redact_secrets(a) if isinstance(a, str) else a
+                                     for a in current.args)
+            message = getattr(current, "message", None)  # MlflowException keeps a copy
+            if isinstance(message, str) and _USERINFO.search(message):
+                current.message = redact_secrets(message)  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):  # an exception type with read-only fields
+            pass
+        current = current.__cause__ or current.__context__
+    return exc
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def masks_secrets(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate a function that talks to MLflow: what it raises has passwords masked."""
+
+    @functools.wraps(fn)
+    def masked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            scrub_exception(exc)
+            raise
+
+    return masked

@@ -5,35 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence
 import functools
-import math
 import threading
-import time
 from typing import Any
 
 import mlflow
-from mlflow.tracking import fluent as _fluent
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 import optuna
 from optuna.trial import FrozenTrial
 
+from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
-from optuna_mlflow_nested._utils import param_value
-from optuna_mlflow_nested._utils import safe_key
-from optuna_mlflow_nested._utils import safe_mapping
 
 __all__ = ["MLflowCallback"]
 
-RUN_ID_ATTRIBUTE_KEY = tracking.RUN_ID_ATTRIBUTE_KEY
+RUN_ID_ATTRIBUTE_KEY = "mlflow_run_id"
 # start_run arguments the run creation itself understands; the rest are rejected
 # loudly instead of being dropped silently.
 _KNOWN_KWARGS = {"experiment_id", "run_name", "nested", "tags", "parent_run_id", "description",
                  "log_system_metrics"}
-
-
-def _truncate(value: Any) -> str:
-    text = str(value)
-    return text if len(text) <= MAX_TAG_VAL_LENGTH else f"{text[: MAX_TAG_VAL_LENGTH - 3]}..."
 
 
 class MLflowCallback:
@@ -68,9 +57,7 @@ class MLflowCallback:
     ) -> None:
         if not isinstance(metric_name, Sequence):
             raise TypeError(
-                "Expected metric_name to be string or sequence of strings, got {}.".format(
-                    type(metric_name)
-                )
+                f"Expected metric_name to be string or sequence of strings, got {type(metric_name)}."
             )
         self._tracking_uri = tracking_uri
         self._metric_name = metric_name
@@ -89,18 +76,12 @@ class MLflowCallback:
     def __call__(self, study: optuna.study.Study, trial: FrozenTrial) -> None:
         uri, client = self._client()
         run_id = trial.system_attrs.get(RUN_ID_ATTRIBUTE_KEY)
-        parent = self._parent_run_id(check_active=run_id is None)
-        experiment_id = self._experiment_id(client, study)
-        record = tracking.RunRecord(
-            tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
-            study_name=study.study_name, trial_number=trial.number, run_id=run_id,
-            run_name=self._run_name(trial), status=tracking.trial_status(trial),
-            end_time=int((trial.datetime_complete.timestamp() if trial.datetime_complete
-                          else time.time()) * 1000),
-            start_time=int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None,
-            params=safe_mapping(trial.params, param_value),
-            tags=self._tags(study, trial),
-            metrics=self._metrics(trial),
+        record = tracking.trial_record(
+            study, trial, tracking_uri=uri, experiment_id=self._experiment_id(client, study),
+            parent_run_id=self._parent_run_id(check_active=run_id is None), run_id=run_id,
+            metric_name=self._metric_name, run_name=self._run_name(trial), history=False,
+            user_attr_tags=self._tag_trial_user_attrs,
+            study_user_attr_tags=self._tag_study_user_attrs,
         )
         tracking.deliver(client, record, lookup=False, create_tags=self._creation_tags())
 
@@ -122,11 +103,9 @@ class MLflowCallback:
                     tags[MLFLOW_PARENT_RUN_ID] = parent
                 run = client.create_run(self._experiment_id(client, trial.study), tags=tags,
                                         run_name=self._run_name(trial))
-                trial.storage.set_trial_system_attr(
-                    trial._trial_id, RUN_ID_ATTRIBUTE_KEY, run.info.run_id
-                )
+                _compat.set_trial_system_attr(trial, RUN_ID_ATTRIBUTE_KEY, run.info.run_id)
                 try:
-                    with tracking.global_tracking_uri(uri), tracking.active_run(run):
+                    with tracking.global_tracking_uri(uri), _compat.active_run(run):
                         return func(trial)
                 except optuna.TrialPruned:
                     raise
@@ -156,32 +135,33 @@ class MLflowCallback:
                 return self._experiments[study.study_name]
         if self._mlflow_kwargs.get("experiment_id") is not None:
             return str(self._mlflow_kwargs["experiment_id"])
-        return _fluent._get_experiment_id()
+        return _compat.default_experiment_id()
 
     def _parent_run_id(self, check_active: bool) -> str | None:
         """The run trials nest under: ``parent_run_id``, else the run active in this thread,
         else (Optuna worker threads) the one active in the thread that called optimize."""
         nested = bool(self._mlflow_kwargs.get("nested"))
-        own = _fluent._active_run_stack.get()
+        active = mlflow.active_run()
+        own = [active.info.run_id] if active is not None else []
         if own and not nested and check_active:
             raise Exception(
                 (
                     "Run with UUID {} is already active. To start a new run, first end the "
                     + "current run with mlflow.end_run(). To start a nested "
                     + "run, call start_run with nested=True"
-                ).format(own[0].info.run_id)
+                ).format(own[0])
             )
         if self._mlflow_kwargs.get("parent_run_id"):
             return self._mlflow_kwargs["parent_run_id"]
         if not nested:
             return None
         if own:
-            return own[-1].info.run_id
-        stacks = _fluent._active_run_stack.get_all_thread_values()
+            return own[-1]
+        stacks = _compat.active_run_ids_of_all_threads()
         main = stacks.get(threading.main_thread().ident) or []
         if main:
-            return main[-1].info.run_id
-        others = [stack[-1].info.run_id for stack in stacks.values() if stack]
+            return main[-1]
+        others = [stack[-1] for stack in stacks.values() if stack]
         return others[0] if len(others) == 1 else None
 
     def _creation_tags(self) -> dict[str, str]:
@@ -194,31 +174,3 @@ class MLflowCallback:
         if self._mlflow_kwargs.get("description"):
             tags["mlflow.note.content"] = str(self._mlflow_kwargs["description"])
         return tags
-
-    def _metrics(self, trial: FrozenTrial) -> list[tuple[str, float, int, int]]:
-        if trial.values is None:
-            return []
-        names = tracking.metric_names(self._metric_name, len(trial.values))
-        now = int(time.time() * 1000)
-        return [(safe_key(n), float(v), now, 0) for n, v in zip(names, trial.values)
-                if not math.isnan(v)]
-
-    def _tags(self, study: optuna.study.Study, trial: FrozenTrial) -> dict[str, str]:
-        tags: dict[str, Any] = {
-            "number": str(trial.number),
-            "datetime_start": str(trial.datetime_start),
-            "datetime_complete": str(trial.datetime_complete),
-        }
-        if trial.state.is_finished():
-            tags["state"] = trial.state.name
-        directions = [d.name for d in study.directions]
-        tags["direction"] = directions if len(directions) != 1 else directions[0]
-        tags.update({f"{k}_distribution": str(v) for k, v in trial.distributions.items()})
-        if self._tag_trial_user_attrs:
-            tags.update(trial.user_attrs)
-        if self._tag_study_user_attrs:
-            tags.update(study.user_attrs)
-        out = safe_mapping(tags, _truncate)
-        out.update({tracking.STUDY_TAG: study.study_name,
-                    tracking.TRIAL_NUMBER_TAG: str(trial.number)})
-        return out

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+import logging
 import sys
+from typing import TYPE_CHECKING
 
-__all__ = ["main", "build_parser"]
+if TYPE_CHECKING:
+    from optuna_mlflow_nested.catboost import CatBoostResult
+    from optuna_mlflow_nested.study import NestedStudy
 
+from optuna_mlflow_nested._cli_engines import UsageError
+from optuna_mlflow_nested._cli_engines import add_heartbeat_arguments
+from optuna_mlflow_nested._cli_engines import executor_from
+from optuna_mlflow_nested._cli_engines import storage_from
 
-class UsageError(Exception):
-    """Bad input from the command line: one line on stderr, exit code 2."""
+__all__ = ["UsageError", "main", "build_parser"]
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +32,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLflow experiment (default: the study name)")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL")
+    add_heartbeat_arguments(parser)
     parser.add_argument("--tuning-iterations", type=int, default=300,
                         help="trees per tuning trial (fixed)")
     parser.add_argument("--max-iterations", type=int, default=5000,
@@ -43,10 +51,16 @@ def _add_tune_command(subparsers: argparse._SubParsersAction) -> None:
     _add_data_arguments(tune)
     tune.add_argument("--trials", type=int, default=50, help="total trial budget (default 50)")
     tune.add_argument("--n-jobs", type=int, default=1, help="trial threads in this process")
+    tune.add_argument("--dask", metavar="ADDRESS", default=None,
+                      help="run the trials on this Dask scheduler (tcp://host:8786); "
+                      "needs a shared --storage")
     tune.add_argument("--workers", type=int, default=1,
                       help="local worker processes sharing the study (default 1: this process)")
     tune.add_argument("--timeout", type=float, default=None, help="seconds for the search")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tune.add_argument("--register", metavar="NAME", default=None,
+                      help="register the final model as a new version of NAME (alias "
+                      "challenger; champion only if better on the same validation data)")
     tune.set_defaults(handler=_run_tune)
 
 
@@ -66,114 +80,63 @@ def _add_worker_command(subparsers: argparse._SubParsersAction) -> None:
     worker.set_defaults(handler=_run_worker)
 
 
-def _load_split(args: argparse.Namespace) -> tuple:
-    from optuna_mlflow_nested import datasets
-
-    for name in ("trials", "tuning_iterations", "max_iterations", "early_stopping_rounds"):
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    X, y = datasets.load(args.data, args.target, seed=args.seed)
-    return datasets.train_val_test_split(X, y, seed=args.seed)
-
-
 def _quiet_logs() -> None:
-    import logging
+    import os
 
     import optuna
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:
+        handler.addFilter(_MUTE_AFTER_INTERRUPT)
+
+
+class _MuteAfterInterrupt(logging.Filter):
+    """Ctrl-C in a trial: no Optuna traceback nor failed-trial lines; main() says it once."""
+    interrupted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.interrupted = True
+        return not self.interrupted
+
+
+_MUTE_AFTER_INTERRUPT = _MuteAfterInterrupt()
 
 
 def _tune_kwargs(args: argparse.Namespace) -> dict:
     return dict(seed=args.seed, sampler=args.sampler, tuning_iterations=args.tuning_iterations,
                 max_iterations=args.max_iterations, early_stopping_rounds=args.early_stopping_rounds,
                 study_name=args.study_name, experiment_name=args.experiment,
-                tracking_uri=args.tracking_uri, storage=args.storage)
-
-
-def _worker_command(args: argparse.Namespace, trials: int, threads: int) -> list[str]:
-    command = [sys.executable, "-m", "optuna_mlflow_nested", "worker", "--trials", str(trials),
-               "--threads", str(threads)]
-    for name in ("data", "target", "seed", "sampler", "study_name", "experiment", "tracking_uri",
-                 "storage", "tuning_iterations", "max_iterations", "early_stopping_rounds"):
-        value = getattr(args, name)
-        if value is not None:
-            command += [f"--{name.replace('_', '-')}", str(value)]
-    return command
-
-
-def _run_workers(args: argparse.Namespace, remaining: int) -> None:
-    """Split the remaining budget over local worker processes; wait, showing progress."""
-    import os
-    import subprocess
-    import time
-
-    import optuna
-
-    workers = min(args.workers, remaining)
-    shares = [remaining // workers + (i < remaining % workers) for i in range(workers)]
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [subprocess.Popen(_worker_command(args, share, threads)) for share in shares]
-    storage = optuna.storages.get_storage(args.storage)
-    study_id = storage.get_study_id_from_name(args.study_name)
-    bar = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=args.trials, initial=args.trials - remaining, desc="trials", unit="trial")
-    try:
-        while any(p.poll() is None for p in procs):
-            if bar is not None:
-                done = len(storage.get_all_trials(study_id, deepcopy=False,
-                                                  states=_finished_states()))
-                bar.update(max(0, done - bar.n))
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    failed = [p.returncode for p in procs if p.returncode != 0]
-    if failed:
-        raise RuntimeError(f"{len(failed)} worker process(es) failed (exit codes {failed})")
-
-
-def _finished_states() -> tuple:
-    from optuna.trial import TrialState
-
-    return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+                tracking_uri=args.tracking_uri, storage=storage_from(args))
 
 
 def _run_tune(args: argparse.Namespace) -> int:
-    import optuna_mlflow_nested as omn
+    from optuna_mlflow_nested.catboost import CatBoostResult
+    from optuna_mlflow_nested.catboost import _tune
+    from optuna_mlflow_nested.catboost_checks import checked_input
 
     if args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.dask and args.workers != 1:
+        raise UsageError("give --workers or --dask, not both")
     if args.n_jobs == 0 or args.n_jobs < -1:
         raise UsageError(f"--n-jobs must be positive or -1, got {args.n_jobs}")
-    X_tr, X_va, X_te, y_tr, y_va, y_te = _load_split(args)  # bad data fails before any run
+    split, _ = checked_input(args)  # bad input fails before anything is written
+    X_tr, X_va, X_te, y_tr, y_va, y_te = split
     _quiet_logs()
     common = _tune_kwargs(args)
-    if args.workers > 1:
-        # Create the study and its parent run once, then let the workers share it.
-        from optuna_mlflow_nested.catboost import catboost_study
-
-        study = catboost_study(study_name=args.study_name, experiment_name=args.experiment,
-                               tracking_uri=args.tracking_uri, storage=args.storage,
-                               sampler=args.sampler, seed=args.seed, n_trials=args.trials)
-        done = len([t for t in study.trials if t.state.is_finished()])
-        if args.trials - done > 0:
-            _run_workers(args, args.trials - done)
-    result = omn.tune_catboost(
-        X_tr, y_tr, X_va, y_va, X_te, y_te, n_trials=args.trials, n_jobs=args.n_jobs,
-        timeout=args.timeout, show_progress_bar=not args.no_progress and args.workers == 1,
-        **common,
-    )
+    with executor_from(args) as executor:
+        result = _tune(
+            X_tr, y_tr, X_va, y_va, X_te, y_te, n_trials=args.trials, n_jobs=args.n_jobs,
+            timeout=args.timeout, show_progress_bar=not args.no_progress,
+            data_source=args.data, executor=executor, registered_model_name=args.register,
+            **common,
+        )
+    assert isinstance(result, CatBoostResult)
     _print_summary(args, result)
     return 0
 
@@ -181,15 +144,18 @@ def _run_tune(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     import optuna
 
-    import optuna_mlflow_nested as omn
+    from optuna_mlflow_nested.catboost import _tune
+    from optuna_mlflow_nested.catboost_checks import checked_input
+    from optuna_mlflow_nested.study import NestedStudy
 
-    X_tr, X_va, X_te, y_tr, y_va, y_te = _load_split(args)
+    (X_tr, X_va, _, y_tr, y_va, _), _ = checked_input(args)
     _quiet_logs()
     before = len(optuna.load_study(study_name=args.study_name, storage=args.storage).trials) \
         if _study_exists(args) else 0
-    study = omn.tune_catboost(X_tr, y_tr, X_va, y_va, n_trials=args.trials, finish=False,
-                              more_trials=True, threads_per_fit=args.threads,
-                              timeout=args.timeout, **_tune_kwargs(args))
+    study = _tune(X_tr, y_tr, X_va, y_va, n_trials=args.trials, finish=False, more_trials=True,
+                  threads_per_fit=args.threads, timeout=args.timeout, data_source=args.data,
+                  **_tune_kwargs(args))
+    assert isinstance(study, NestedStudy)
     print(f"worker done: study {study.study_name!r} now has {len(study.trials)} trial(s) "
           f"({before} before this worker started)")
     return 0
@@ -205,7 +171,7 @@ def _study_exists(args: argparse.Namespace) -> bool:
         return False
 
 
-def _print_summary(args: argparse.Namespace, result: object) -> None:
+def _print_summary(args: argparse.Namespace, result: CatBoostResult) -> None:
     r = result
     rows = [("best params", ""), *[(f"  {k}", _fmt(v)) for k, v in r.best_params.items()],
             ("validation RMSE (best trial, fixed trees)", _fmt(r.best_value)),
@@ -217,11 +183,15 @@ def _print_summary(args: argparse.Namespace, result: object) -> None:
         rows.append(("test RMSE / best possible (noise 1.0)", _fmt(r.test_rmse / 1.0)))
     rows += [("trials", str(len(r.study.trials))), ("parent run id", r.parent_run_id),
              ("model", r.model_uri)]
+    if r.model_version is not None:
+        rows.append(("registered", f"models:/{args.register}/{r.model_version}"))
     width = max(len(k) for k, _ in rows)
     print()
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    print(f"\nOpen it: mlflow ui --backend-store-uri {args.tracking_uri}")
+    from optuna_mlflow_nested._utils import redact_uri
+
+    print(f"\nOpen it: mlflow ui --backend-store-uri {redact_uri(args.tracking_uri)}")
 
 
 def _fmt(value: object) -> str:
@@ -232,20 +202,30 @@ def _fmt(value: object) -> str:
 
 def _add_benchmark_command(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser(
-        "benchmark", help="compare samplers (TPE, random, grid, QMC) on the CatBoost problems",
+        "benchmark", help="compare samplers (TPE, random, grid, QMC) on shipped problems",
         description="Run every sampler with the same seeds and the same budget on the shipped "
-        "CatBoost problems, nested as benchmark -> study -> trials in MLflow, and write a "
-        "Markdown report and a best-so-far plot.",
+        "problems (CatBoost ones, or cheap synthetic functions that run in seconds), nested "
+        "as benchmark -> study -> trials in MLflow, and write a Markdown report and a "
+        "best-so-far plot per problem.",
     )
     bench.add_argument("--quick", action="store_true",
                        help="diabetes only, 2 seeds, 12 trials, 50 trees (about a minute)")
-    bench.add_argument("--problems", default="diabetes,friedman1,wide")
+    bench.add_argument("--problems", default="diabetes,friedman1,wide",
+                       help="comma-separated: diabetes, friedman1, wide, diabetes-cv, "
+                       "friedman1-cv (CatBoost), or synthetic <function>-<dim>d with function "
+                       "sphere, rosenbrock, rastrigin or ackley, e.g. sphere-2d,rastrigin-5d")
     bench.add_argument("--samplers", default="tpe,random,grid,qmc")
     bench.add_argument("--trials", type=int, default=48)
     bench.add_argument("--seeds", type=int, default=10,
                        help="number of seeds (0, 1, ...); with fewer than 6 no paired "
                        "two-sided Wilcoxon test can reach p < 0.05")
-    bench.add_argument("--tuning-iterations", type=int, default=200)
+    bench.add_argument("--tuning-iterations", type=int, default=200,
+                       help="CatBoost trees per trial (CatBoost problems)")
+    bench.add_argument("--pruner", default="none",
+                       help="none (default), median, hyperband, successive-halving, wilcoxon")
+    bench.add_argument("--trial-runs", default="all",
+                       help='"all" (every trial a child run) or K / top-K: only the K best '
+                       "trials get child runs, every trial is in each study's trials table")
     bench.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     bench.add_argument("--experiment", default="sampler-benchmark")
     bench.add_argument("--out", default="benchmark-report", help="folder for report.md and PNGs")
@@ -253,43 +233,10 @@ def _add_benchmark_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from optuna_mlflow_nested.benchmark.command import run_benchmark
 
-    from optuna_mlflow_nested.benchmark import catboost_problem
-    from optuna_mlflow_nested.benchmark import compare_samplers
-
-    if args.quick:
-        args.problems, args.trials, args.seeds, args.tuning_iterations = "diabetes", 12, 2, 50
-    for name in ("trials", "seeds", "tuning_iterations"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
     _quiet_logs()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sections = []
-    for name in args.problems.split(","):
-        grid_shape = None
-        if args.trials != 48:  # a grid as close to the budget as the dimensions allow
-            grid_shape = (args.trials, 1, 1) if name != "wide" else (args.trials, 1, 1, 1, 1, 1)
-        problem = catboost_problem(name, tuning_iterations=args.tuning_iterations,
-                                   grid_shape=grid_shape)
-        print(f"== {name}", flush=True)
-        report = compare_samplers(
-            problem.objective, samplers=tuple(args.samplers.split(",")), n_trials=args.trials,
-            seeds=list(range(args.seeds)), search_space=problem.grid, direction="minimize",
-            experiment_name=args.experiment, tracking_uri=args.tracking_uri,
-            finish=problem.finish, benchmark_name=f"samplers-{name}",
-        )
-        plot = report.plot(out / f"samplers-{name}.png")
-        text = (f"Validation RMSE of each study's best trial:\n\n{report.summary()}\n\n"
-                f"Test RMSE after the finish step (early stopping, refit on train+validation):"
-                f"\n\n{report.summary(column='test_rmse')}")
-        sections.append(f"## {name}\n\n{text}\n\n{report.to_markdown()}\n\n"
-                        f"![best so far]({plot.name})\n")
-        print(text, flush=True)
-    (out / "report.md").write_text("\n".join(sections))
-    print(f"report: {out / 'report.md'}")
-    return 0
+    return run_benchmark(args)
 
 
 def _add_sync_command(subparsers: argparse._SubParsersAction) -> None:
@@ -305,25 +252,76 @@ def _add_sync_command(subparsers: argparse._SubParsersAction) -> None:
     sync.add_argument("--tracking-uri", help="MLflow tracking URI (with credentials if needed)")
     sync.add_argument("--study-name", help="Optuna study to reconcile")
     sync.add_argument("--storage", help="Optuna storage URL of that study")
+    add_heartbeat_arguments(sync)
     sync.set_defaults(handler=_run_sync)
 
 
+def _parent_status_after_sync(study: NestedStudy) -> str | None:
+    """FINISHED for a RUNNING parent whose study has no trial running any more (its
+    workers are gone); an ended parent (KILLED, FAILED) or a live search: unchanged."""
+    from optuna.trial import TrialState
+
+    parent = study._client.get_run(study.parent_run_id)
+    if parent.info.status != "RUNNING":
+        return None
+    return None if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else "FINISHED"
+
+
 def _run_sync(args: argparse.Namespace) -> int:
+    import contextlib
+    from pathlib import Path
+    import warnings
+
+    from filelock import Timeout
+    from mlflow.exceptions import MlflowException
+    import optuna
+    import requests
+
     from optuna_mlflow_nested import tracking
+    from optuna_mlflow_nested._utils import redact_secrets
+    from optuna_mlflow_nested._utils import redact_uri
+    from optuna_mlflow_nested._utils import scrub_exception
+    from optuna_mlflow_nested.tracking.spool import sync_lock
 
     if (args.study_name is None) != (args.storage is None):
         raise UsageError("--study-name and --storage go together")
     spool = args.spool or tracking.default_spool_path()
-    delivered, remaining = tracking.replay_spool(spool, tracking_uri=args.tracking_uri)
-    print(f"spool {spool}: {delivered} run(s) delivered, {remaining} still pending")
-    mended = 0
+    # Two syncs of one spool or one study wait for each other: two reconciles of a study
+    # at once would each create the runs it lacks.
+    locks = [sync_lock("spool", str(Path(spool).resolve()))]
     if args.study_name is not None:
-        from optuna_mlflow_nested.study import load_study
+        locks.append(sync_lock("study", str(redact_uri(args.storage)), args.study_name))
+    with contextlib.ExitStack() as stack:
+        for lock in locks:
+            try:
+                lock.acquire(blocking=False)
+            except Timeout:
+                print("waiting for another `sync` of the same spool or study...", file=sys.stderr)
+                lock.acquire()
+            stack.callback(lock.release)
+        if args.tracking_uri is not None:  # MLflow's own retries last minutes per call
+            stack.enter_context(tracking.short_http_retries(args.tracking_uri))
+        try:
+            delivered, remaining = tracking.replay_spool(spool, tracking_uri=args.tracking_uri)
+            print(f"spool {spool}: {delivered} run(s) delivered, {remaining} still pending")
+            if args.study_name is not None:
+                from optuna_mlflow_nested.factories import load_study
 
-        study = load_study(args.study_name, args.storage, tracking_uri=args.tracking_uri)
-        mended = study.reconcile(create_missing=True)
-        study._finish("FINISHED")
-        print(f"study {args.study_name}: {mended} run(s) written to match Optuna's storage")
+                study = load_study(args.study_name, storage_from(args),
+                                   tracking_uri=args.tracking_uri)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)  # trials of workers that died
+                mended = study.reconcile(create_missing=True, orphan_age=args.grace_period)
+                study._finish(_parent_status_after_sync(study))
+                print(f"study {args.study_name}: {mended} run(s) written to match Optuna's "
+                      "storage")
+        except Exception as exc:
+            scrub_exception(exc)  # MLflow's messages carry the tracking URI, password too
+            if not isinstance(exc, (MlflowException, requests.RequestException)):
+                raise
+            print(f"optuna-mlflow-nested sync: error: {redact_secrets(exc)}", file=sys.stderr)
+            return 1
     return 1 if remaining else 0
 
 
@@ -350,5 +348,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except (UsageError, ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"optuna-mlflow-nested {args.command}: error: {exc}", file=sys.stderr)
+        from optuna_mlflow_nested._utils import redact_secrets
+
+        print(f"optuna-mlflow-nested {args.command}: error: {redact_secrets(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = "; run the same command again to resume" if args.command in ("tune", "worker") else ""
+        print(f"optuna-mlflow-nested {args.command}: interrupted{again}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if type(exc).__name__ != "FinishError":  # not imported: only `tune` raises it
+            raise
+        print(f"optuna-mlflow-nested {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        _MUTE_AFTER_INTERRUPT.interrupted = False

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+import functools
+import time
 from typing import Any
+import warnings
 
 import mlflow
+from mlflow.entities import Metric
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import numpy as np
-from sklearn.base import clone
-from sklearn.metrics import check_scoring
-from sklearn.model_selection import check_cv
-from sklearn.base import is_classifier
-import time
 
+from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
+from optuna_mlflow_nested._utils import param_value
+from optuna_mlflow_nested._utils import safe_key
+from optuna_mlflow_nested._utils import safe_mapping
 
 __all__ = ["cross_validate"]
 
@@ -20,20 +27,39 @@ __all__ = ["cross_validate"]
 def cross_validate(
     estimator: Any,
     X: Any,
-    y: Any,
+    y: Any = None,
     *,
-    cv: Any = 5,
+    groups: Any = None,
     scoring: Any = None,
+    cv: Any = 5,
+    params: dict[str, Any] | None = None,
+    return_train_score: bool = False,
+    return_estimator: bool = False,
+    return_indices: bool = False,
+    error_score: Any = np.nan,
     log_models: bool = False,
-) -> dict[str, np.ndarray]:
-    """Cross-validate ``estimator``; each fold is a run ``fold-<i>`` nested in the active run.
+    prune: bool = False,
+) -> dict[str, Any]:
+    """:func:`sklearn.model_selection.cross_validate`, each fold a run ``fold-<i>``
+    nested in the active MLflow run.
 
-    Returns scikit-learn's ``cross_validate`` dict (``test_score``, ``fit_time``,
-    ``score_time``; ``test_<name>`` per scorer when ``scoring`` is a list or dict). The
-    fold runs go in the active run's experiment and hold the fold index, the scores,
-    the fit time and, with ``log_models=True``, the fitted model. Inside an objective
-    wrapped by :class:`~optuna_mlflow_nested.NestedStudy` this makes the tree
-    study -> trial -> fold. Without an active run the folds are top-level runs.
+    The arguments and the returned dict are scikit-learn's (``test_score`` or
+    ``test_<name>`` per scorer, ``fit_time``, ``score_time``, and with the flags
+    ``train_*``, ``estimator``, ``indices``); folds run one after another. Each fold
+    run holds the fold index, its scores and times and, with ``log_models=True``, the
+    fitted model. Inside an objective of a
+    :class:`~optuna_mlflow_nested.NestedStudy` this makes the tree study -> trial ->
+    fold, and after each fold the running mean of the (first) test score goes to
+    ``trial.report(value, step=fold)`` on the study's scale (scikit-learn's scores are
+    greater-is-better: the mean for a maximising study, its negative for a minimising
+    one, as an objective returning ``-mean(test_score)`` would). With ``prune=True``
+    the folds stop as soon as the study's pruner says so (``optuna.TrialPruned`` is
+    raised after that fold's run is logged). Without an active run the folds are
+    top-level runs.
+
+    Raises:
+        ValueError: ``cv`` is an int below 2 (and whatever scikit-learn raises).
+        optuna.TrialPruned: with ``prune=True``, when the pruner stops the trial.
 
     Example:
         >>> import mlflow, tempfile, os, optuna_mlflow_nested as omn
@@ -45,45 +71,112 @@ def cross_validate(
         ...     out = omn.cross_validate(Ridge(), X, y, cv=3)
         >>> len(out["test_score"])
         3
+        >>> mlflow.set_tracking_uri(None)
     """
+    from sklearn.base import is_classifier
+    from sklearn.model_selection import check_cv
+    from sklearn.model_selection import cross_validate as sklearn_cross_validate
+
     if isinstance(cv, int) and cv < 2:
         raise ValueError(f"cv must be at least 2 folds, got {cv}")
-    splitter = check_cv(cv, y, classifier=is_classifier(estimator))
-    scorers: dict[str, Any]
-    if scoring is None or isinstance(scoring, str) or callable(scoring):
-        scorers = {"score": check_scoring(estimator, scoring=scoring)}
-    elif isinstance(scoring, dict):
-        scorers = {name: check_scoring(estimator, scoring=s) for name, s in scoring.items()}
-    else:
-        scorers = {name: check_scoring(estimator, scoring=name) for name in scoring}
+    splits = list(check_cv(cv, y, classifier=is_classifier(estimator)).split(X, y, groups))
     parent = mlflow.active_run()
     client = tracking.get_client(mlflow.get_tracking_uri())
-    experiment_id = parent.info.experiment_id if parent else mlflow.tracking.fluent._get_experiment_id()
-    X_arr, y_arr = X, np.asarray(y)
-    result: dict[str, list[float]] = {"fit_time": [], "score_time": []}
-    for name in scorers:
-        result[f"test_{name}"] = []
-    for fold, (train_idx, test_idx) in enumerate(splitter.split(X_arr, y_arr)):
-        model = clone(estimator)
-        start = time.perf_counter()
-        model.fit(_take(X_arr, train_idx), y_arr[train_idx])
-        fit_time = time.perf_counter() - start
-        start = time.perf_counter()
-        scores = {n: float(s(model, _take(X_arr, test_idx), y_arr[test_idx])) for n, s in scorers.items()}
-        score_time = time.perf_counter() - start
-        result["fit_time"].append(fit_time)
-        result["score_time"].append(score_time)
-        for name, value in scores.items():
-            result[f"test_{name}"].append(value)
-        tracking.log_fold_run(
-            client, experiment_id, parent.info.run_id if parent else None, fold,
-            metrics={**{f"test_{k}": v for k, v in scores.items()}, "fit_time": fit_time,
-                     "score_time": score_time, "fold": float(fold)},
-            params={"n_train": len(train_idx), "n_test": len(test_idx)},
-            model=model if log_models else None,
+    experiment_id = parent.info.experiment_id if parent else _compat.default_experiment_id()
+    trial = tracking.current_trial()
+    folds: list[dict[str, Any]] = []
+    for fold, (train_idx, test_idx) in enumerate(splits):
+        out = sklearn_cross_validate(
+            estimator, X, y, scoring=scoring, cv=[(train_idx, test_idx)], params=params,
+            return_train_score=return_train_score, return_estimator=True,
+            error_score=error_score,
         )
-    return {key: np.asarray(values) for key, values in result.items()}
+        scores = {k: float(v[0]) for k, v in out.items() if k not in ("estimator", "indices")}
+        log_fold_run(client, experiment_id, parent.info.run_id if parent else None, fold,
+                     metrics={**scores, "fold": float(fold)},
+                     params={"n_train": len(train_idx), "n_test": len(test_idx)},
+                     model=out["estimator"][0] if log_models else None)
+        folds.append(out)
+        if trial is not None and _report(trial, folds, fold) and prune and trial.should_prune():
+            import optuna
+
+            raise optuna.TrialPruned(f"pruned after fold {fold}")
+    result: dict[str, Any] = {key: np.concatenate([f[key] for f in folds]) for key in folds[0]
+                              if key not in ("estimator", "indices")}
+    if return_estimator:
+        result["estimator"] = [f["estimator"][0] for f in folds]
+    if return_indices:
+        result["indices"] = {"train": [tr for tr, _ in splits], "test": [te for _, te in splits]}
+    return result
 
 
-def _take(X: Any, idx: np.ndarray) -> Any:
-    return X.iloc[idx] if hasattr(X, "iloc") else np.asarray(X)[idx]
+def _report(trial: Any, folds: list[dict[str, Any]], fold: int) -> bool:
+    """The running mean of the first test score, on the study's scale, for Optuna's
+    pruners. Returns whether it was reported."""
+    import optuna
+
+    key = "test_score" if "test_score" in folds[0] else next(k for k in folds[0] if k.startswith("test_"))
+    values = np.array([f[key][0] for f in folds], dtype=float)
+    directions = trial.study.directions
+    if np.all(np.isnan(values)) or len(directions) != 1:
+        return False  # nothing to report; multi-objective trials cannot report
+    mean = float(np.nanmean(values))
+    if directions[0] == optuna.study.StudyDirection.MINIMIZE:
+        mean = -mean
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a step reported twice: Optuna keeps the first
+        trial.report(mean, step=fold)
+    return True
+
+
+@functools.cache
+def _sklearn_log_model_kwargs() -> Callable[[Any], dict[str, Any]]:
+    """Whether this MLflow saves scikit-learn models with skops and takes
+    ``skops_trusted_types`` (3.17 does, 3.8 does not); checked once, not per fold."""
+    import inspect
+
+    import mlflow.sklearn
+
+    def none(model: Any) -> dict[str, Any]:
+        return {}
+
+    if "skops_trusted_types" not in inspect.signature(mlflow.sklearn.log_model).parameters:
+        return none
+    try:
+        import skops.io
+    except ImportError:
+        return none
+
+    def trusted(model: Any) -> dict[str, Any]:
+        # MLflow saves with skops; the types of a model we just fitted are ours to trust.
+        return {"skops_trusted_types": skops.io.get_untrusted_types(data=skops.io.dumps(model))}
+
+    return trusted
+
+
+def log_fold_run(client: MlflowClient, experiment_id: str, parent_run_id: str | None, fold: int,
+                 *, metrics: dict[str, float], params: dict[str, Any], model: Any = None) -> str:
+    """One cross-validation fold as a finished run ``fold-<i>`` under ``parent_run_id``."""
+    tags = {tracking.ROLE_TAG: "fold", "fold": str(fold)}
+    if parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = client.create_run(experiment_id, tags=tags, run_name=f"fold-{fold}")
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(safe_key(k), float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in safe_mapping(params, param_value).items()],
+        synchronous=True,
+    )
+    if model is not None:
+        import mlflow.sklearn
+        import sklearn
+
+        # Explicit requirements: inferring them starts a subprocess per model (seconds each).
+        with _compat.active_run(run):
+            mlflow.sklearn.log_model(model, name="model",
+                                     pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+                                     **_sklearn_log_model_kwargs()(model))
+    _compat.update_run_info(client, run_id, "FINISHED", now)
+    return str(run_id)

@@ -93,7 +93,8 @@ class MlflowServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / f'server-{self.port}.log').read_text()[-2000:]}")
+                log = (self.root / f"server-{self.port}.log").read_text()
+                raise RuntimeError(f"mlflow server exited: {log[-2000:]}")
             try:
                 if requests.get(self.uri + "/health", timeout=1).status_code == 200:
                     return self

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 import optuna_mlflow_nested as omn
-from optuna_mlflow_nested.datasets import load_diabetes, train_val_test_split
+from optuna_mlflow_nested.datasets import load_diabetes
+from optuna_mlflow_nested.datasets import train_val_test_split
 
 SMALL = dict(tuning_iterations=30, max_iterations=200, early_stopping_rounds=20)
 

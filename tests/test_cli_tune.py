@@ -58,6 +58,8 @@ def test_workers_share_one_study_and_finish_once(tmp_path: Path) -> None:
     assert sorted(r.info.run_name for r in runs if r.info.run_name.startswith("trial-")) == [
         f"trial-{i}" for i in range(4)]
     assert len(client.search_logged_models(experiment_ids=[experiment_id])) == 1
+    for run in (r for r in runs if r.info.run_name.startswith("trial-")):  # from the workers
+        assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["train"]
 
     # another machine joins with `worker`: more trials, no second finish
     assert main(["worker", "--trials", "2", "--tuning-iterations", "20"]) == 0
@@ -111,3 +113,72 @@ def test_grid_search_with_workers_uses_one_grid(tmp_path: Path) -> None:
     assert len(study.trials) == 4
     for trial in study.trials:
         assert all(trial.params[name] in values for name, values in grid.items())
+
+
+@pytest.mark.slow
+def test_tune_on_a_dask_cluster(tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    import os
+
+    from tests_support import DaskCluster
+
+    cluster = DaskCluster(tmp_path, dict(os.environ))
+    cluster.add_worker()
+    cluster.add_worker()
+    try:
+        assert main(["tune", "--trials", "4", "--dask", cluster.address, *FAST]) == 0
+    finally:
+        cluster.stop()
+    client, runs, experiment_id = runs_of(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("optuna.role") == "study"]
+    assert len(parents) == 1 and parents[0].data.tags["best_model"] == "true"
+    assert sorted(r.info.run_name for r in runs if r.info.run_name.startswith("trial-")) == [
+        f"trial-{i}" for i in range(4)]
+    assert len(client.search_logged_models(experiment_ids=[experiment_id])) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_tune_with_workers_stops_cleanly_and_resumes(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    import optuna
+
+    command = [sys.executable, "-m", "optuna_mlflow_nested", "tune", "--trials", "6",
+               "--workers", "2", "--tuning-iterations", "3000", "--max-iterations", "100",
+               "--early-stopping-rounds", "10", "--no-progress"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until a worker is inside a trial
+        try:
+            trials = optuna.load_study(study_name="catboost-tune", storage=storage).trials
+        except (KeyError, Exception):
+            trials = []
+        if any(t.state.name == "RUNNING" for t in trials):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # what `kill`, `timeout` or a batch scheduler send
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    states = [t.state.name for t in optuna.load_study(study_name="catboost-tune",
+                                                      storage=storage).trials]
+    assert "RUNNING" not in states
+    client, runs, experiment_id = runs_of(tmp_path)
+    everything = client.search_runs([experiment_id], run_view_type=3, max_results=1000)
+    assert "RUNNING" not in {r.info.status for r in everything}, "trials, spares, parent ended"
+    parent = next(r for r in runs if r.data.tags.get("optuna.role") == "study")
+    assert parent.info.status == "KILLED"
+    # run again: resumes to the budget and finishes
+    fast = [*command[:command.index("--tuning-iterations")], *FAST]
+    assert subprocess.run(fast, cwd=tmp_path, capture_output=True, timeout=300).returncode == 0
+    client, runs, _ = runs_of(tmp_path)
+    study = optuna.load_study(study_name="catboost-tune", storage=storage)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 6 and not [t for t in study.trials if not t.state.is_finished()]
+    everything = client.search_runs([runs[0].info.experiment_id], run_view_type=3, max_results=1000)
+    assert "RUNNING" not in {r.info.status for r in everything}
+    parent = next(r for r in runs if r.data.tags.get("optuna.role") == "study")
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_model"] == "true"

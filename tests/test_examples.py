@@ -12,6 +12,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow  # every example end to end, each in a fresh interpreter
 @pytest.mark.parametrize("script, args", [("wrap_existing_objective.py", []),
                                           ("nested_cv_folds.py", ["1"]),
                                           ("catboost_regression.py", ["2"]),

@@ -13,13 +13,14 @@ import textwrap
 import time
 import warnings
 
+from conftest import MlflowServer
+import mlflow
 from mlflow.tracking import MlflowClient
 import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 import pytest
 
-from conftest import MlflowServer
 import optuna_mlflow_nested as omn
 from optuna_mlflow_nested.cli import main as cli_main
 
@@ -144,6 +145,7 @@ def _restartable_server(tmp_path: Path) -> MlflowServer:
     return MlflowServer(tmp_path / "srv", backend_uri=f"sqlite:///{tmp_path / 'srv.db'}").start()
 
 
+@pytest.mark.slow  # a real server stopped and restarted, or many processes
 def test_server_killed_and_restarted_nothing_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMN_RETRY_DEADLINE", "120")
     server = _restartable_server(tmp_path)
@@ -174,6 +176,51 @@ def test_server_killed_and_restarted_nothing_lost(tmp_path: Path, monkeypatch: p
         restarted.stop()
 
 
+@pytest.mark.slow  # a real server stopped and restarted
+def test_objective_logging_in_a_trial_begun_without_a_run_leaves_no_stray_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 12: a trial that began while the server was away has no run to make active;
+    # when the server is back mid-objective, the objective's mlflow.log_metric started a
+    # run of its own in the default experiment that stayed RUNNING and stayed active in
+    # the thread, so the next run-less trials logged into it too.
+    monkeypatch.setenv("OMN_RETRY_DEADLINE", "120")
+    server = _restartable_server(tmp_path)
+    restarted = MlflowServer(server.root, backend_uri=server.backend_uri, port=server.port)
+    logged_without_a_run: list[int] = []
+    try:
+        study = omn.create_study("runless", tracking_uri=server.uri, sampler="random", seed=0)
+
+        def objective(trial: optuna.Trial) -> float:
+            if trial.number == 2:
+                server.stop()
+            elif trial.number > 2 and mlflow.active_run() is None and not logged_without_a_run:
+                restarted.start()  # back while this trial runs without a run
+                mlflow.log_metric("seen", 1.0)
+                logged_without_a_run.append(trial.number)
+            return plain(trial)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            study.optimize(objective, n_trials=12)
+        assert logged_without_a_run, "no trial began without a run: the test proves nothing"
+        assert mlflow.active_run() is None  # nothing left active in this thread
+        client = MlflowClient(server.uri)
+        running = [(r.info.run_name, r.info.experiment_id)
+                   for e in client.search_experiments()
+                   for r in client.search_runs([e.experiment_id])
+                   if r.info.status == "RUNNING"]
+        assert running == []
+        runs = trial_runs(client, study)
+        assert sorted(r.info.run_name for r in runs) == sorted(f"trial-{i}" for i in range(12))
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        said = [str(w.message) for w in caught if "had no MLflow run" in str(w.message)]
+        assert len(said) == 1 and f"trial {logged_without_a_run[0]} " in said[0], said
+    finally:
+        server.stop()
+        restarted.stop()
+
+
+@pytest.mark.slow  # a real server stopped and restarted, or many processes
 def test_server_never_returns_spool_then_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMN_RETRY_DEADLINE", "3")
     server = _restartable_server(tmp_path)
@@ -241,6 +288,7 @@ def _pg_worker(args: tuple[str, str, int, object]) -> str:
     return study.parent_run_id
 
 
+@pytest.mark.slow  # a real server stopped and restarted, or many processes
 @pytest.mark.postgres
 def test_many_workers_on_postgres_and_a_server(tmp_path: Path, postgres_url: str) -> None:
     import psycopg2
@@ -270,3 +318,81 @@ def test_many_workers_on_postgres_and_a_server(tmp_path: Path, postgres_url: str
         server.stop()
         admin.cursor().execute(f"DROP DATABASE IF EXISTS {backend.rsplit('/', 1)[1]} WITH (FORCE)")
         admin.close()
+
+
+def test_reconcile_beside_a_live_trial_keeps_its_run(tmp_path: Path, tracking_uri: str) -> None:
+    # `sync` reconciles with orphan_age = the grace period while workers run: a trial
+    # asked but not told yet still holds its `trial-pending` run, which is no spare.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("live", storage=storage, tracking_uri=tracking_uri)
+    trial = study.ask()
+    x = trial.suggest_float("x", 0, 1)
+    run_id = study.child_run_id(trial.number)
+    omn.load_study("live", storage, tracking_uri=tracking_uri).reconcile(orphan_age=0)
+    study.tell(trial, x)
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.lifecycle_stage == "active"
+    assert run.info.status == "FINISHED" and run.data.params == {"x": str(x)}
+
+
+def test_a_spare_run_a_sync_deleted_is_restored_for_the_trial_that_takes_it(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # A sync (orphan age = its grace period) cannot tell a live worker's spare runs,
+    # not yet taken by a trial, from those a dead worker left: it deleted them, and the
+    # next trial's record then failed on a deleted run ("must be in the 'active' state").
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("spares", storage=storage, tracking_uri=tracking_uri,
+                             sampler="random", seed=0)
+    client = MlflowClient(tracking_uri)
+
+    def pending() -> list:
+        return client.search_runs([study.experiment_id],
+                                  "attributes.run_name = 'trial-pending' and "
+                                  "attributes.status = 'RUNNING'")
+
+    swept: list[str] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number == 1:
+            wait_for(lambda: len(pending()) >= 2, 30, "a spare run beside this trial's")
+            spares = {r.info.run_id for r in pending()} - {study.child_run_id(1)}
+            assert spares, "no spare run in the pool: the test proves nothing"
+            omn.load_study("spares", storage, tracking_uri=tracking_uri).reconcile(orphan_age=0)
+            swept.extend(spares)
+        return plain(trial)
+
+    study.optimize(objective, n_trials=4)
+    runs = trial_runs(client, study)
+    assert sorted(r.info.run_name for r in runs) == [f"trial-{i}" for i in range(4)]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.info.lifecycle_stage for r in runs} == {"active"}
+    for run in runs:
+        trial = study.trials[int(run.data.tags["optuna.trial_number"])]
+        assert run.data.params["x"] == str(trial.params["x"])
+    assert swept and set(swept) & {r.info.run_id for r in runs}  # a swept spare was taken
+
+
+@pytest.mark.parametrize("status", ["KILLED", "FAILED"])
+def test_sync_keeps_an_ended_parents_status(tmp_path: Path, tracking_uri: str, status: str) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("ended", tracking_uri=tracking_uri, storage=storage, sampler="random")
+    study.optimize(plain, n_trials=2)
+    client = MlflowClient(tracking_uri)
+    client.set_terminated(study.parent_run_id, status)  # e.g. interrupted, or a failed finish
+    args = ["sync", "--tracking-uri", tracking_uri, "--study-name", "ended", "--storage", storage]
+    assert cli_main(args) == 0
+    assert client.get_run(study.parent_run_id).info.status == status
+
+
+def test_sync_leaves_the_parent_of_a_live_search_running(tmp_path: Path, tracking_uri: str) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("going", tracking_uri=tracking_uri, storage=storage, sampler="random")
+    study.optimize(plain, n_trials=1)
+    client = MlflowClient(tracking_uri)
+    client.update_run(study.parent_run_id, "RUNNING")  # another worker joined and runs a trial
+    trial = study.ask()
+    args = ["sync", "--tracking-uri", tracking_uri, "--study-name", "going", "--storage", storage,
+            "--heartbeat-interval", "0"]
+    assert cli_main(args) == 0
+    assert client.get_run(study.parent_run_id).info.status == "RUNNING"
+    study.tell(trial, plain(trial))

@@ -26,7 +26,7 @@ def test_parallel_trials_against_a_server(mlflow_server, capsys: pytest.CaptureF
     assert sorted(r.info.run_name for r in runs) == sorted(f"trial-{i}" for i in range(16))
     by_id = {r.info.run_id: r for r in runs}
     for trial in study.trials:
-        run = by_id[trial.system_attrs["mlflow_run_id"]]
+        run = by_id[study.child_run_id(trial.number)]
         assert run.info.status == "FINISHED"
         assert run.data.metrics["inside"] == pytest.approx(2 * trial.params["x"])
         assert run.data.params["x"] == str(trial.params["x"])

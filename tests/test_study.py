@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 from pathlib import Path
 import warnings
@@ -45,7 +44,8 @@ def test_readme_flow_parent_children_and_objective_metrics(tracking_uri: str) ->
     by_number = {int(r.data.tags["optuna.trial_number"]): r for r in runs}
     for trial in study.trials:
         run = by_number[trial.number]
-        assert trial.system_attrs["mlflow_run_id"] == run.info.run_id == study.child_run_id(trial.number)
+        assert run.info.run_id == study.child_run_id(trial.number)
+        assert "mlflow_run_id" not in trial.system_attrs  # trials_dataframe stays Optuna's
         # the objective's own call landed in its trial's run, in a worker thread too
         assert run.data.metrics["extra"] == pytest.approx(trial.params["x"])
         assert run.data.metrics["value"] == pytest.approx(trial.value)
@@ -275,9 +275,10 @@ def test_bad_optimize_arguments_fail_before_any_trial(tracking_uri: str) -> None
     study = omn.create_study("bad-opt", tracking_uri=tracking_uri)
     with pytest.raises(TypeError, match="objective"):
         study.optimize("not callable", n_trials=1)  # type: ignore[arg-type]
-    for n in (0, -3, 1.5):
+    for n in (-3, 1.5):
         with pytest.raises(ValueError, match="n_trials"):
             study.optimize(quadratic, n_trials=n)  # type: ignore[arg-type]
+    study.optimize(quadratic, n_trials=0)  # as in Optuna: valid, and nothing runs
     with pytest.raises(ValueError, match="timeout"):
         study.optimize(quadratic, timeout=-1)
     with pytest.raises(ValueError, match="n_jobs"):
@@ -354,7 +355,8 @@ def test_cross_validate_returns_sklearn_dict(tracking_uri: str) -> None:
             ours = omn.cross_validate(Ridge(), X, y, cv=4, scoring=["r2", "neg_mean_absolute_error"])
         theirs = sk_cross_validate(Ridge(), X, y, cv=4, scoring=["r2", "neg_mean_absolute_error"])
         np.testing.assert_allclose(ours["test_r2"], theirs["test_r2"])
-        np.testing.assert_allclose(ours["test_neg_mean_absolute_error"], theirs["test_neg_mean_absolute_error"])
+        np.testing.assert_allclose(ours["test_neg_mean_absolute_error"],
+                                   theirs["test_neg_mean_absolute_error"])
         folds = MlflowClient(tracking_uri).search_runs(
             [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
         assert len(folds) == 4
@@ -416,3 +418,49 @@ def test_keyboard_interrupt_flushes_every_started_trial(tracking_uri: str) -> No
     assert statuses == {"trial-0": "FINISHED", "trial-1": "FINISHED", "trial-2": "FINISHED",
                         "trial-3": "FAILED"}
     assert client.get_run(study.parent_run_id).info.status == "KILLED"
+
+
+def test_plain_study_parent_summary(tracking_uri: str) -> None:
+    study = omn.create_study("summary", tracking_uri=tracking_uri, sampler="random", seed=0)
+    study.optimize(lambda t: (t.suggest_float("x", -2, 2) - 1) ** 2 + t.suggest_int("n", 0, 3),
+                   n_trials=6)
+    client = MlflowClient(tracking_uri)
+    tags = client.get_run(study.parent_run_id).data.tags
+    best = study.best_trial
+    assert tags["best_trial"] == str(best.number)
+    assert tags["best_run_id"] == study.child_run_id(best.number)
+    assert tags["best.x"] == str(best.params["x"]) and tags["best.n"] == str(best.params["n"])
+    note = tags["mlflow.note.content"]
+    assert "`summary`" in note and "`x`" in note and "`n`" in note
+    assert f"trial {best.number}" in note and "`n_trials=6`" in note
+    table = {a.path for a in client.list_artifacts(study.parent_run_id)}
+    assert "trials_table.json" in table
+    text = Path(mlflow.artifacts.download_artifacts(
+        run_id=study.parent_run_id, artifact_path="trials_table.json", tracking_uri=tracking_uri
+    )).read_text()
+    assert '"run_id"' in text and study.child_run_id(best.number) in text
+
+
+def test_multi_objective_parent_shows_the_pareto_front(tracking_uri: str) -> None:
+    study = omn.create_study("front", tracking_uri=tracking_uri, sampler="random", seed=0,
+                             directions=["minimize", "minimize"])
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1 - t.suggest_float("y", 0, 1) ** 2),
+                   n_trials=8)
+    tags = MlflowClient(tracking_uri).get_run(study.parent_run_id).data.tags
+    front = sorted(t.number for t in study.best_trials)
+    assert tags["pareto_trials"] == ",".join(map(str, front))
+    assert "best_trial" not in tags
+    assert "Pareto front: " in tags["mlflow.note.content"]
+
+
+def test_experiment_kind_only_on_experiments_this_project_creates(tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    omn.create_study("kind", tracking_uri=tracking_uri, experiment_name="made-here")
+    made = client.get_experiment_by_name("made-here")
+    assert made.tags["mlflow.experimentKind"] == "custom_model_development"
+    theirs = client.create_experiment("theirs", tags={"mlflow.experimentKind": "genai_development"})
+    plain = client.create_experiment("plain")
+    omn.create_study("kind2", tracking_uri=tracking_uri, experiment_name="theirs")
+    omn.create_study("kind3", tracking_uri=tracking_uri, experiment_name="plain")
+    assert client.get_experiment(theirs).tags["mlflow.experimentKind"] == "genai_development"
+    assert "mlflow.experimentKind" not in client.get_experiment(plain).tags

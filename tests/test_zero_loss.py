@@ -28,7 +28,7 @@ def assert_complete(study: omn.NestedStudy, uri: str, expected: int) -> None:
     by_id = {r.info.run_id: r for r in runs}
     assert len(study.trials) == expected == len(runs)
     for trial in study.trials:
-        run = by_id[trial.system_attrs["mlflow_run_id"]]
+        run = by_id[study.child_run_id(trial.number)]
         assert run.info.run_name == f"trial-{trial.number}"
         assert run.info.status in ("FINISHED", "FAILED", "KILLED")
         if trial.state.name == "COMPLETE":

@@ -1,0 +1,239 @@
+"""Every touch of a private MLflow or Optuna name, each with why no public API does it.
+
+Each function here has a test in ``tests/test_compat.py`` that fails if a supported
+MLflow or Optuna version changes what it relies on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import contextlib
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+import optuna
+
+__all__ = [
+    "active_run",
+    "active_run_ids_of_all_threads",
+    "add_trial",
+    "claim_waiting_trial",
+    "default_experiment_id",
+    "executor_worker_count",
+    "explicit_tracking_uri",
+    "open_store",
+    "rdb_url",
+    "record_first_heartbeat",
+    "set_trial_system_attr",
+    "study_storage",
+    "trial_active_run",
+    "update_run_info",
+]
+
+
+@contextlib.contextmanager
+def active_run(run: Run) -> Iterator[None]:
+    """Make ``run`` the active run of the calling thread without a round trip.
+
+    ``mlflow.start_run(run_id=...)`` does a ``get_run`` and a status update per call and
+    ends the run on exit; a trial needs neither (the writer finishes the run). MLflow's
+    active run is a thread-local stack with no public push/pop.
+    """
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    stack.append(fluent.ActiveRun(run))
+    try:
+        yield
+    finally:
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i].info.run_id == run.info.run_id:
+                del stack[i]
+                break
+
+
+def active_run_ids_of_all_threads() -> dict[int | None, list[str]]:
+    """Thread ident -> ids of the runs active in that thread, outermost first.
+
+    MLflowCallback nests trials that Optuna runs in worker threads under the run the
+    user started in the calling thread; ``mlflow.active_run()`` sees only its own thread.
+    """
+    from mlflow.tracking import fluent
+
+    stacks = fluent._active_run_stack.get_all_thread_values()
+    return {ident: [r.info.run_id for r in stack] for ident, stack in stacks.items()}
+
+
+def default_experiment_id() -> str:
+    """The experiment ``mlflow.start_run()`` would use (set_experiment, env, or default).
+
+    MLflowCallback with ``create_experiment=False`` must log where the legacy callback
+    did; MLflow resolves that only inside ``start_run``.
+    """
+    from mlflow.tracking import fluent
+
+    return str(fluent._get_experiment_id())
+
+
+def explicit_tracking_uri() -> str | None:
+    """The URI set with ``mlflow.set_tracking_uri`` (``None`` when never set).
+
+    ``mlflow.get_tracking_uri()`` resolves a default; restoring the user's state after
+    a study needs to know whether they set one at all.
+    """
+    from mlflow.tracking._tracking_service import utils
+
+    return utils._tracking_uri
+
+
+def open_store(client: MlflowClient) -> Any:
+    """Open (and for SQLite, migrate) the client's store now rather than on first use.
+
+    The store is created lazily; the first open of a fresh SQLite file runs MLflow's
+    schema migration, which the caller must do under a file lock.
+    """
+    return client._tracking_client.store
+
+
+def update_run_info(client: MlflowClient, run_id: str, status: str, end_time: int | None,
+                    run_name: str | None = None) -> None:
+    """Set a run's status, end time and name in one store call.
+
+    ``client.set_terminated`` first does a ``get_run`` round trip to print a 'View run'
+    URL against a server, on every trial; ``client.update_run`` cannot set the end time.
+    """
+    client._tracking_client.store.update_run_info(
+        run_id, RunStatus.from_string(status), end_time, run_name
+    )
+
+
+def study_storage(study: optuna.Study) -> tuple[optuna.storages.BaseStorage, int]:
+    """The study's storage and id, for study system attributes.
+
+    Optuna 4 removed ``Study.set_system_attr``; the parent run id and the trial -> run
+    mapping live in study system attributes so they stay out of ``trials_dataframe()``.
+    """
+    return study._storage, study._study_id
+
+
+def record_first_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Record trial ``trial``'s first heartbeat now, if the study's storage keeps them.
+
+    Optuna's ``optimize`` records a trial's first heartbeat only once ``ask`` has
+    returned; a process killed in between leaves a RUNNING trial without a heartbeat,
+    which ``fail_stale_trials`` never fails. ``study.ask`` calls this right after the
+    trial is created (inside ``optimize`` only: an ask/tell trial gets no further
+    heartbeats and would go stale). Optuna has no public way to ask whether heartbeats
+    are on (``is_heartbeat_enabled``) or for a trial's storage id (``_trial_id``).
+    """
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    storage = study._storage
+    if is_heartbeat_enabled(storage):
+        storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+
+
+def add_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """``study.add_trial(trial)``, returning the trial as added (with its number).
+
+    ``Study.add_trial`` returns nothing, and the added trial's number is needed to give
+    it a run; this is its body (Optuna 4.0-5.0) with the new trial returned.
+    """
+    trial._validate()
+    if trial.values is not None and len(study.directions) != len(trial.values):
+        raise ValueError(
+            f"The added trial has {len(trial.values)} values, which is different from the "
+            f"number of objectives {len(study.directions)} in the study (determined by "
+            "Study.directions)."
+        )
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=trial)
+    return study._storage.get_trial(trial_id)
+
+
+def set_trial_system_attr(trial: optuna.Trial, key: str, value: Any) -> None:
+    """A system attribute on a running trial.
+
+    Optuna 4 removed ``Trial.set_system_attr``. MLflowCallback's ``track_in_mlflow``
+    hands the run it opened to the callback through the trial's storage, as it did.
+    """
+    trial.storage.set_trial_system_attr(trial._trial_id, key, value)
+
+
+def claim_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
+    """``study.ask()`` that only takes a queued (WAITING) trial and never creates one.
+
+    Workers of one ``optimize(executor=...)`` share an exact budget of queued trials;
+    Optuna's ``ask`` would create a new trial when the queue is empty (overshooting the
+    budget), and its atomic pop of a waiting trial has no public form.
+    """
+    study._thread_local.cached_all_trials = None  # what ask() does: see the latest trials
+    trial_id = study._pop_waiting_trial_id()
+    return None if trial_id is None else optuna.Trial(study, trial_id)
+
+
+def rdb_url(storage: optuna.storages.BaseStorage) -> str | None:
+    """The database URL of an RDB storage (also behind Optuna's cache), else ``None``.
+
+    Executor workers reopen it with heartbeats on; ``optuna.storages.get_storage`` wraps
+    RDB storages in a private cache class that does not expose the URL.
+    """
+    backend = getattr(storage, "_backend", storage)
+    url = getattr(backend, "url", None)
+    return url if isinstance(backend, optuna.storages.RDBStorage) and isinstance(url, str) else None
+
+
+def executor_worker_count(executor: Any) -> int | None:
+    """How many tasks ``executor`` runs at once, where it can be known.
+
+    The standard pools keep it in ``_max_workers``; Dask's ``ClientExecutor`` in its
+    client's worker threads. Neither has a public attribute.
+    """
+    count = getattr(executor, "_max_workers", None)
+    if isinstance(count, int):
+        return count
+    client = getattr(executor, "_client", None)
+    if client is not None and hasattr(client, "nthreads"):
+        return int(sum(client.nthreads().values())) or None
+    return None
+
+
+@contextlib.contextmanager
+def trial_active_run(run: Run | None, client: MlflowClient) -> Iterator[list[str]]:
+    """:func:`active_run` for a trial's objective, proof against ``mlflow.end_run()``.
+
+    An objective that calls ``mlflow.end_run()`` pops the trial's run off MLflow's
+    thread-local stack; the next ``mlflow.log_*`` then starts a stray run in the
+    default experiment that stays RUNNING, and stays active in the thread for the
+    trials after. So the run is pushed twice: ``end_run`` ends the trial's run (the
+    trial's record sets its final status later) and pops one copy, and later calls
+    still land in the trial's run. Runs the objective started and left active are
+    ended here (FAILED if it raised, as ``with mlflow.start_run()`` would) and popped,
+    so that none leaks into the next trial of the thread. ``run=None`` (the trial has
+    no run yet: the tracking server was away when it started) pushes nothing and
+    still ends and pops the runs that the objective's ``mlflow.log_*`` calls started.
+    The list yielded holds, on exit, the ids of the runs so ended. MLflow's
+    active-run stack has no public push/pop.
+    """
+    import time
+
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    depth = len(stack)
+    if run is not None:
+        stack.extend([fluent.ActiveRun(run), fluent.ActiveRun(run)])
+    own = run.info.run_id if run is not None else None
+    ended: list[str] = []
+    status = "FAILED"
+    try:
+        yield ended
+        status = "FINISHED"
+    finally:
+        left = [r.info.run_id for r in stack[depth:] if r.info.run_id != own]
+        del stack[min(depth, len(stack)):]
+        for run_id in dict.fromkeys(left):
+            ended.append(run_id)
+            with contextlib.suppress(Exception):  # the server may be away: not our run
+                update_run_info(client, run_id, status, int(time.time() * 1000))

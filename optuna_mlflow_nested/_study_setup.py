@@ -1,0 +1,161 @@
+"""Opening a study's storage and finding or creating its one parent run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import contextlib
+import numbers
+import time
+from typing import Any
+from urllib.parse import urlsplit
+import warnings
+
+import mlflow
+from mlflow.tracking import MlflowClient
+import optuna
+
+from optuna_mlflow_nested import _compat
+from optuna_mlflow_nested import tracking
+from optuna_mlflow_nested._utils import redact_uri
+from optuna_mlflow_nested.tracking import parent as parent_run
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+EXPERIMENT_ATTR = "mlflow_experiment_id"
+_PARENT_WAIT_SECONDS = 120.0
+
+
+def attach_parent(
+    study: optuna.Study, client: MlflowClient, experiment_name: str, *, created: bool,
+    params: dict[str, Any], tags: dict[str, Any] | None, tracking_uri: str,
+    storage_repr: str | None,
+) -> tuple[str, str]:
+    """The study's one parent run: made by the process that created the study, found by
+    others (who wait for it while the creator is still making it). Returns the run id
+    and its experiment id."""
+    storage, study_id = _compat.study_storage(study)
+    attrs = storage.get_study_system_attrs(study_id)
+    if PARENT_RUN_ATTR in attrs:
+        return attrs[PARENT_RUN_ATTR], attrs[EXPERIMENT_ATTR]
+    if not created:
+        deadline = time.monotonic() + _PARENT_WAIT_SECONDS
+        delay = 0.05
+        while time.monotonic() < deadline:
+            attrs = storage.get_study_system_attrs(study_id)
+            if PARENT_RUN_ATTR in attrs:
+                return attrs[PARENT_RUN_ATTR], attrs[EXPERIMENT_ATTR]
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        warnings.warn(
+            f"study {study.study_name!r} has no MLflow parent run after "
+            f"{_PARENT_WAIT_SECONDS:.0f}s; creating one", RuntimeWarning, stacklevel=3,
+        )
+    experiment_id = tracking.get_or_create_experiment(client, experiment_name)
+    active = mlflow.active_run()
+    run_id = parent_run.create_parent_run(client, experiment_id, study.study_name,
+                                          active.info.run_id if active else None, tags)
+    storage.set_study_system_attr(study_id, EXPERIMENT_ATTR, experiment_id)
+    storage.set_study_system_attr(study_id, PARENT_RUN_ATTR, run_id)
+    start_tags = {
+        "tracking_uri": redact_uri(tracking_uri),
+        "storage": storage_repr or "in-memory",
+        "direction": ",".join(d.name for d in study.directions),
+        "sampler": type(study.sampler).__name__,
+    }
+    parent_run.log_parent_start(client, run_id, params, start_tags)
+    return run_id, experiment_id
+
+
+def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage:
+    """The Optuna storage (a new in-memory one for ``None``), or a ValueError that names
+    it, password removed."""
+    if storage is None:
+        return optuna.storages.InMemoryStorage()
+    if not isinstance(storage, str):
+        return storage
+    try:
+        return optuna.storages.get_storage(storage)
+    except Exception as exc:
+        shown = redact_uri(storage) or ""
+        cause = exc.__cause__ or exc.__context__
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(cause, ImportError):
+            message = f"{message} ({cause}; pip install 'optuna-mlflow-nested[postgres]')"
+        password = urlsplit(storage).password if "://" in storage else None
+        if password:
+            message = message.replace(password, "***")
+        raise ValueError(f"storage {shown!r} is not usable: {message}") from None
+
+
+def storage_repr(storage: Any) -> str | None:
+    """The storage as text for logs and errors, credentials removed."""
+    if storage is None:
+        return None
+    if isinstance(storage, str):
+        return redact_uri(storage)
+    url = getattr(storage, "url", None)
+    return redact_uri(url) if isinstance(url, str) else type(storage).__name__
+
+
+def check_optimize_args(func: Any, n_trials: Any, timeout: Any, n_jobs: Any) -> None:
+    if not callable(func):
+        raise TypeError(f"objective must be callable, got {type(func).__name__}")
+    if n_trials is not None and (
+        isinstance(n_trials, bool) or not isinstance(n_trials, numbers.Integral) or n_trials < 0
+    ):
+        # 0 is valid, as in Optuna: nothing runs.
+        raise ValueError(f"n_trials must be a non-negative integer or None, got {n_trials!r}")
+    if timeout is not None and (not isinstance(timeout, numbers.Real) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number or None, got {timeout!r}")
+    if not isinstance(n_jobs, numbers.Integral) or n_jobs == 0 or n_jobs < -1:
+        raise ValueError(f"n_jobs must be a positive integer or -1, got {n_jobs!r}")
+
+
+def check_directions(direction: Any, directions: Any) -> None:
+    if direction is not None and directions is not None:
+        raise ValueError("Specify only one of `direction` and `directions`.")
+    for d in [direction] if directions is None else list(directions):
+        if d is not None and str(getattr(d, "name", d)).lower() not in ("minimize", "maximize"):
+            raise ValueError(f"direction must be 'minimize' or 'maximize', got {d!r}")
+
+
+def check_metric_name(metric_name: Any) -> None:
+    if isinstance(metric_name, str):
+        return
+    if not isinstance(metric_name, Sequence) or not all(isinstance(m, str) for m in metric_name):
+        raise TypeError(f"metric_name must be a string or a sequence of strings, got {metric_name!r}")
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"optuna_version": optuna.__version__, "mlflow_version": mlflow.__version__}
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        out["catboost_version"] = metadata.version("catboost")
+    return out
+
+
+TRIAL_RUNS_ATTR = "omn.trial_runs"
+
+
+def parse_trial_runs(trial_runs: Any) -> int | None:
+    """``"all"`` -> ``None``; ``K`` or ``"top-K"`` -> K (a non-negative int)."""
+    value = trial_runs
+    if isinstance(value, str) and value != "all":
+        value = value[4:] if value.startswith("top-") else value
+        value = int(value) if value.isdigit() else trial_runs
+    if value == "all":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f'trial_runs must be "all", a non-negative integer K or "top-K", '
+                         f"got {trial_runs!r}")
+    return value
+
+
+def remember_trial_runs(study: optuna.Study, keep: int | None, *, created: bool) -> int | None:
+    """The study's run policy: set by its creator, read by everyone who joins it."""
+    storage, study_id = _compat.study_storage(study)
+    if created:
+        storage.set_study_system_attr(study_id, TRIAL_RUNS_ATTR, "all" if keep is None else keep)
+        return keep
+    stored = storage.get_study_system_attrs(study_id).get(TRIAL_RUNS_ATTR, "all")
+    return None if stored == "all" else int(stored)

@@ -1,0 +1,354 @@
+"""``optimize(executor=...)``: trials fanned out over any ``concurrent.futures.Executor``.
+
+Process pools, Dask's ``client.get_executor()``, submitit's executors: each task loads
+the study from the shared storage and runs trials until an exact budget is spent.
+
+The budget is a queue: the calling process enqueues ``n_trials`` empty trials
+(WAITING); workers only ever take a queued trial, never create one, so the total is
+exact whatever the number of workers, their speed, or an engine retrying a task.
+With heartbeats (RDB storages), a worker killed mid-trial has its trial failed and
+its run ended FAILED before ``optimize`` returns. Spare runs a dead worker created
+are ended and deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import pickle
+import time
+from typing import TYPE_CHECKING
+from typing import Any
+import uuid
+import warnings
+
+from filelock import FileLock
+import optuna
+from optuna.trial import TrialState
+from optuna.trial import create_trial
+
+from optuna_mlflow_nested import _compat
+from optuna_mlflow_nested import tracking
+from optuna_mlflow_nested._utils import redact_secrets
+from optuna_mlflow_nested.tracking.delivery import equals_clause
+from optuna_mlflow_nested.tracking.delivery import search_equal
+from optuna_mlflow_nested.tracking.run_pool import PENDING_RUN_NAME
+
+if TYPE_CHECKING:
+    from optuna_mlflow_nested.study import NestedStudy
+
+__all__ = ["BudgetSpent", "optimize_with_executor", "run_worker"]
+
+SESSION_TAG = "omn.session"
+
+
+class BudgetSpent(Exception):
+    """Raised by a worker's ``ask`` when the shared budget has no queued trial left."""
+
+
+def claim_queued_trial(study: NestedStudy) -> optuna.Trial:
+    """A queued trial of the shared budget for this worker, or :class:`BudgetSpent`.
+
+    On SQLite the claim (read WAITING, write RUNNING) is not atomic across processes,
+    so workers on one machine take turns under a file lock beside the database.
+    """
+    storage, _ = _compat.study_storage(study)
+    url = _compat.rdb_url(storage) or ""
+    path = tracking.clients.sqlite_path(url)
+    lock: contextlib.AbstractContextManager[object] = (
+        FileLock(f"{path}.claim.lock") if path is not None else contextlib.nullcontext())
+    if _stop_requested:  # this worker was interrupted: no further trial
+        raise BudgetSpent(study.study_name)
+    with lock:
+        trial = _compat.claim_waiting_trial(study)
+    if trial is None:
+        raise BudgetSpent(study.study_name)
+    return trial
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """(interval, grace period) in seconds for executor workers on RDB storages."""
+    interval = int(os.environ.get("OMN_HEARTBEAT_INTERVAL", "5"))
+    return interval, int(os.environ.get("OMN_GRACE_PERIOD", str(4 * interval)))
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker task needs to join the study; sent to the worker by the engine."""
+
+    study_name: str
+    storage: Any
+    tracking_uri: str
+    metric_name: str | Sequence[str]
+    sampler: optuna.samplers.BaseSampler
+    pruner: optuna.pruners.BasePruner
+    func: Callable[[optuna.Trial], Any]
+    catch: tuple[type[Exception], ...]
+    callbacks: tuple[Callable[..., None], ...]
+    gc_after_trial: bool
+    deadline: float | None  # epoch seconds
+    session: str
+    trial_inputs: tuple[dict[str, Any], ...] = ()  # datasets every trial run logs
+
+
+_in_objective = False
+_stop_requested = False  # set by SIGINT in a pool worker: take no further trial
+
+
+def _interrupt_in_task(signum: int, frame: Any) -> None:
+    # Only the objective is interrupted: an interrupt inside ask (the trial claimed,
+    # its run being opened) or tell would leave the trial RUNNING. Elsewhere the flag
+    # ends the task at its next ask.
+    global _stop_requested
+    _stop_requested = True
+    if _in_objective:
+        raise KeyboardInterrupt
+
+
+def _interruptible(func: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
+    """``func`` with SIGINT delivered as KeyboardInterrupt while it runs (the trial fails)."""
+
+    def objective(trial: optuna.Trial) -> Any:
+        global _in_objective
+        if _stop_requested:  # interrupted while this trial was being claimed
+            raise KeyboardInterrupt
+        _in_objective = True
+        try:
+            return func(trial)
+        finally:
+            _in_objective = False
+
+    return objective
+
+
+def worker_initializer() -> None:
+    """For process pools: SIGINT interrupts a task's objective (its trial fails, its runs
+    are flushed, it takes no further trial) but not an idle worker, which would die
+    printing a traceback, nor Optuna's ask/tell, which would leave the trial RUNNING."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, _interrupt_in_task)
+    default_hook = sys.unraisablehook
+
+    def quiet_interrupt(unraisable: Any) -> None:
+        # An interrupt that landed in a finalizer (a weakref callback, __del__) is
+        # dropped by Python with a traceback; the stop flag still ends the task after
+        # its current trial.
+        if unraisable.exc_type is not KeyboardInterrupt:
+            default_hook(unraisable)
+
+    sys.unraisablehook = quiet_interrupt
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    """One executor task: join the study, run queued trials until none is left.
+
+    Returns:
+        How many trials this task ran.
+    """
+    from optuna_mlflow_nested.factories import load_study
+
+    storage = spec.storage
+    url = _compat.rdb_url(storage) if not isinstance(storage, str) else storage
+    if url is not None and url.startswith(("sqlite", "postgresql", "mysql")):
+        interval, grace = heartbeat_settings()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=interval,
+                                                 grace_period=grace)
+    study = load_study(spec.study_name, storage, tracking_uri=spec.tracking_uri,
+                       sampler=spec.sampler, pruner=spec.pruner, metric_name=spec.metric_name)
+    study.sampler.reseed_rng()  # every worker got the same sampler state
+    study._worker_session = spec.session
+    if spec.trial_inputs:
+        study._tracking.trial_inputs = list(spec.trial_inputs)
+    before = len(study.get_trials(deepcopy=False))
+    timeout = None if spec.deadline is None else max(0.0, spec.deadline - time.time())
+    if timeout == 0.0 or _stop_requested:
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.optimize(_interruptible(spec.func), timeout=timeout, catch=spec.catch,
+                       callbacks=list(spec.callbacks), gc_after_trial=spec.gc_after_trial)
+    return len(study.get_trials(deepcopy=False)) - before
+
+
+def _check_shareable(study: NestedStudy, executor: Any) -> None:
+    storage, _ = _compat.study_storage(study)
+    if isinstance(storage, optuna.storages.InMemoryStorage):
+        raise ValueError(
+            "optimize(executor=...) needs a storage the workers share (an RDB URL such as "
+            "sqlite:////abs/path/optuna.db or postgresql://..., a journal file, or Optuna's "
+            "gRPC proxy); this study is in memory")
+    url = _compat.rdb_url(storage) or ""
+    if url.startswith("sqlite") and (":memory:" in url or url.rstrip("/") == "sqlite:"):
+        raise ValueError(f"optimize(executor=...) cannot share the in-memory SQLite storage {url!r}")
+    if tracking.clients.sqlite_path(study.tracking_uri) is None and study.tracking_uri.startswith(
+            "sqlite"):
+        raise ValueError("optimize(executor=...) cannot share an in-memory SQLite tracking URI")
+
+
+def _check_picklable(func: Any, executor: Any) -> None:
+    in_process = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+    if in_process:
+        return
+    name = getattr(func, "__qualname__", type(func).__name__)
+    try:
+        if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+            pickle.dumps(func)
+        else:
+            import cloudpickle
+
+            cloudpickle.dumps(func)
+    except Exception as exc:
+        raise ValueError(
+            f"the objective {name!r} cannot be sent to the executor's workers "
+            f"({type(exc).__name__}: {exc}); define it at module level (process pools pickle "
+            "it by reference) and keep unpicklable state out of it") from None
+
+
+def _resolve_workers(executor: Any, n_workers: int | None) -> int:
+    if n_workers is None:
+        n_workers = _compat.executor_worker_count(executor)
+        if n_workers is None:
+            raise ValueError(f"n_workers is required: the worker count of {type(executor).__name__} "
+                             "cannot be known")
+    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers <= 0:
+        raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
+    return n_workers
+
+
+def optimize_with_executor(
+    study: NestedStudy, func: Callable[[optuna.Trial], Any], *, n_trials: int | None,
+    timeout: float | None, catch: tuple[type[Exception], ...],
+    callbacks: Sequence[Callable[..., None]], gc_after_trial: bool, show_progress_bar: bool,
+    executor: Any, n_workers: int | None,
+) -> None:
+    """The body of ``NestedStudy.optimize(executor=...)``: queue the budget, submit one
+    task per worker, wait, then clean up after dead workers."""
+    if not hasattr(executor, "submit"):
+        raise TypeError(f"executor must have a submit() method, got {type(executor).__name__}")
+    if n_trials is None:
+        raise ValueError("optimize(executor=...) needs n_trials: the exact total over all workers")
+    if n_trials == 0:
+        return
+    _check_shareable(study, executor)
+    _check_picklable(func, executor)
+    workers = _resolve_workers(executor, n_workers)
+    storage, _ = _compat.study_storage(study)
+    queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    for _ in range(max(0, n_trials - queued)):
+        # A bare WAITING trial (not enqueue_trial({}), whose empty fixed params the
+        # GridSampler refuses): the sampler picks its params when a worker takes it.
+        _compat.add_trial(study, create_trial(state=TrialState.WAITING))
+    spec = WorkerSpec(
+        study_name=study.study_name, storage=storage, tracking_uri=study.tracking_uri,
+        metric_name=study.metric_name, sampler=study.sampler, pruner=study.pruner, func=func,
+        catch=catch, callbacks=tuple(callbacks), gc_after_trial=gc_after_trial,
+        deadline=None if timeout is None else time.time() + timeout, session=uuid.uuid4().hex,
+        trial_inputs=tuple(study._tracking.trial_inputs or ()),
+    )
+    already = len(study.get_trials(deepcopy=False, states=_FINISHED))
+    futures = [executor.submit(run_worker, spec) for _ in range(min(workers, n_trials) or 1)]
+    try:
+        errors = _wait(study, futures, n_trials, already if show_progress_bar else None)
+    except KeyboardInterrupt:
+        # The tasks were interrupted too: let them fail their trials and flush, then
+        # end the spare runs they leave behind.
+        deadline = time.monotonic() + 60
+        with contextlib.suppress(KeyboardInterrupt):
+            while not all(f.done() for f in futures) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        _end_spare_runs(study, spec.session)
+        raise
+    _fail_stale_trials(study)
+    _end_spare_runs(study, spec.session)
+    if errors:
+        raise _with_budget_left(study, errors[0])
+
+
+def _with_budget_left(study: NestedStudy, error: BaseException) -> BaseException:
+    """A broken engine (a pool whose worker was killed) says what is left of the budget."""
+    left = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if not left:
+        return error
+    advice = (f"{left} trial(s) of the budget are still queued in study {study.study_name!r}: "
+              f"optimize(..., n_trials={left}, executor=...) with a working executor runs "
+              "exactly those")
+    if isinstance(error, concurrent.futures.BrokenExecutor):
+        broken = type(error)(f"{error} The worker's trial was failed and its run ended; {advice}")
+        broken.__cause__ = error
+        return broken
+    warnings.warn(advice, RuntimeWarning, stacklevel=4)
+    return error
+
+
+def _wait(study: NestedStudy, futures: list[Any], n_trials: int,
+          progress_from: int | None) -> list[BaseException]:
+    """Wait for every task (any future with done()/result()); their exceptions, in order.
+    With ``progress_from`` (finished trials before), a progress bar."""
+    bar = None
+    start = progress_from or 0
+    if progress_from is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_trials, desc="trials", unit="trial")
+    try:
+        while not all(f.done() for f in futures):
+            if bar is not None:
+                finished = len(study.get_trials(deepcopy=False, states=_FINISHED))
+                bar.update(max(0, min(n_trials, finished - start) - bar.n))
+            time.sleep(0.2)
+    finally:
+        if bar is not None:
+            bar.close()
+    errors: list[BaseException] = []
+    for future in futures:
+        try:
+            future.result()
+        except BaseException as exc:  # a worker's objective error, or the engine's
+            errors.append(exc)
+    return errors
+
+
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def _fail_stale_trials(study: NestedStudy) -> None:
+    """Fail trials of workers that died mid-trial (heartbeats, RDB storages only)."""
+    storage, _ = _compat.study_storage(study)
+    url = _compat.rdb_url(storage)
+    if url is None or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        return
+    interval, grace = heartbeat_settings()
+    deadline = time.monotonic() + grace + 2 * interval + 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        watched = optuna.load_study(
+            study_name=study.study_name,
+            storage=optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=grace))
+        while watched.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            optuna.storages.fail_stale_trials(watched)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(min(1.0, interval))
+
+
+def _end_spare_runs(study: NestedStudy, session: str) -> None:
+    """Spare runs made by this session's workers are unused now: end and delete them."""
+    client = tracking.get_client(study.tracking_uri)
+    try:
+        spares = search_equal(client, [study.experiment_id], {SESSION_TAG: session},
+                              equals_clause("attributes.run_name", PENDING_RUN_NAME))
+        used = set(study.run_ids().values())  # a dead worker's trial run: reconcile ends it
+        for run in (r for r in spares if r.info.run_id not in used):
+            tracking.set_run_status(client, run.info.run_id, "KILLED")
+            client.delete_run(run.info.run_id)
+    except Exception as exc:
+        warnings.warn(f"could not delete spare runs of dead workers: {redact_secrets(exc)}",
+                      RuntimeWarning, stacklevel=3)

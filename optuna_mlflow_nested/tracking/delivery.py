@@ -1,0 +1,185 @@
+"""Writing one run record to MLflow: idempotent, batched, retried with backoff."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any
+
+from mlflow.entities import Metric
+from mlflow.entities import Param
+from mlflow.entities import Run
+from mlflow.entities import RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
+
+from optuna_mlflow_nested import _compat
+from optuna_mlflow_nested._utils import masks_secrets
+from optuna_mlflow_nested._utils import redact_secrets
+from optuna_mlflow_nested._utils import tag_value
+from optuna_mlflow_nested.tracking.records import STUDY_TAG
+from optuna_mlflow_nested.tracking.records import TRIAL_NUMBER_TAG
+from optuna_mlflow_nested.tracking.records import RunRecord
+
+_logger = logging.getLogger(__name__)
+
+_NON_RETRYABLE = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"}
+
+
+def equals_clause(field: str, value: str) -> str:
+    """A filter-string clause ``field = value`` with ``value`` quoted as MLflow parses it.
+
+    MLflow's filter strings have no escape for quotes: a value with ``'`` is put in
+    double quotes; one with both kinds becomes a ``LIKE`` pattern with ``_`` for each
+    quote, which can match more runs, so callers check the value again (see
+    :func:`search_equal`).
+
+    Example:
+        >>> equals_clause("tags.s", "it's")
+        'tags.s = "it\\'s"'
+    """
+    if "'" not in value:
+        return f"{field} = '{value}'"
+    if '"' not in value:
+        return f'{field} = "{value}"'
+    return f"{field} LIKE '{value.replace(chr(39), '_').replace(chr(34), '_')}'"
+
+
+@masks_secrets
+def search_equal(client: MlflowClient, experiment_ids: list[str], tags: dict[str, str],
+                 extra: str = "", max_results: int = 50_000) -> list[Run]:
+    """Runs whose tags equal ``tags`` exactly (any value, quotes included)."""
+    clauses = [equals_clause(f"tags.`{k}`", v) for k, v in tags.items()]
+    if extra:
+        clauses.append(extra)
+    runs = client.search_runs(experiment_ids, " and ".join(clauses), max_results=max_results)
+    return [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
+
+
+def is_retryable(exc: BaseException) -> bool:
+    code = getattr(exc, "error_code", None)
+    return not (isinstance(exc, MlflowException) and code in _NON_RETRYABLE)
+
+
+def _find_trial_run(client: MlflowClient, record: RunRecord) -> str | None:
+    """An existing run for (study, trial), so that replays never duplicate."""
+    tags = {STUDY_TAG: record.study_name}
+    extra = ""
+    if record.trial_number is not None:
+        tags[TRIAL_NUMBER_TAG] = str(record.trial_number)
+    else:
+        extra = equals_clause("attributes.run_name", record.run_name)
+    if record.parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = record.parent_run_id
+    runs = search_equal(client, [record.experiment_id], tags, extra, max_results=100)
+    return runs[0].info.run_id if runs else None
+
+
+@masks_secrets
+def deliver(client: MlflowClient, record: RunRecord, *, lookup: bool = True,
+            create_tags: dict[str, str] | None = None) -> str:
+    """Write one run record: create the run if needed, one batch per limit, then close it.
+
+    Idempotent: params and tags overwrite with equal values, and a record without a
+    run id first looks the trial's run up by study name and trial number (unless
+    ``lookup=False``: the caller knows there is none). ``create_tags`` go on a run
+    created here.
+    """
+    run_id = record.run_id or (_find_trial_run(client, record) if lookup else None)
+    if run_id is None:
+        tags = dict(create_tags or {})
+        if record.parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = record.parent_run_id
+        run_id = client.create_run(
+            record.experiment_id, start_time=record.start_time, tags=tags,
+            run_name=record.run_name,
+        ).info.run_id
+        record.run_id = run_id
+    metrics = [Metric(k, v, ts, step) for k, v, ts, step in record.metrics]
+    params = [Param(k, v) for k, v in record.params.items()]
+    run_tags = [RunTag(k, v) for k, v in record.tags.items()]
+    run_tags.append(RunTag(MLFLOW_RUN_NAME, record.run_name))
+    while metrics or params or run_tags:
+        batch_params, params = params[:MAX_PARAMS_TAGS_PER_BATCH], params[MAX_PARAMS_TAGS_PER_BATCH:]
+        room = MAX_PARAMS_TAGS_PER_BATCH - len(batch_params)
+        batch_tags, run_tags = run_tags[:room], run_tags[room:]
+        batch_metrics, metrics = metrics[:MAX_METRICS_PER_BATCH], metrics[MAX_METRICS_PER_BATCH:]
+        _log_batch_or_items(client, run_id, batch_metrics, batch_params, batch_tags)
+    for name, text in record.texts.items():
+        client.log_text(run_id, text, name)
+    if record.inputs:  # one call; MLflow keeps a dataset input once per run
+        from optuna_mlflow_nested.data_inputs import dataset_input
+
+        client.log_inputs(run_id, datasets=[dataset_input(d) for d in record.inputs])
+    _compat.update_run_info(client, run_id, record.status, record.end_time, record.run_name)
+    return run_id
+
+
+def _log_batch_or_items(client: MlflowClient, run_id: str, metrics: list[Metric],
+                        params: list[Param], tags: list[RunTag]) -> None:
+    """One ``log_batch``; if MLflow rejects it, each item alone, skipping only the rejects."""
+    try:
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
+        return
+    except MlflowException as exc:
+        if exc.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+    if client.get_run(run_id).info.lifecycle_stage == "deleted":
+        # A sync took the run for a spare a dead worker left (older than its grace
+        # period) while a live worker's trial had it: bring the trial's run back.
+        client.restore_run(run_id)
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
+        return
+    rejected = []
+    singles: list[tuple[Any, dict[str, Any]]] = [
+        *((m, {"metrics": [m]}) for m in metrics), *((p, {"params": [p]}) for p in params),
+        *((t, {"tags": [t]}) for t in tags)]
+    for item, batch in singles:
+        try:
+            client.log_batch(run_id, synchronous=True, **batch)
+        except MlflowException as exc:
+            if exc.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            rejected.append(item.key)
+    _logger.warning("MLflow rejected %s on run %s", ", ".join(rejected), run_id)
+    client.set_tag(run_id, "omn.rejected", tag_value(", ".join(rejected)))
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, up to ``deadline`` seconds per write."""
+
+    deadline: float = 60.0
+    first_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def call(self, fn: Callable[[], Any], stop: threading.Event | None = None) -> Any:
+        start = time.monotonic()
+        delay = self.first_delay
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                if not is_retryable(exc) or time.monotonic() - start + delay > self.deadline:
+                    raise
+                _logger.debug("MLflow write failed (%s); retrying in %.1fs",
+                              redact_secrets(exc), delay)
+                if stop is not None and stop.wait(delay * random.uniform(0.5, 1.0)):
+                    raise
+                elif stop is None:
+                    time.sleep(delay)
+                delay = min(delay * 2, self.max_delay)
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """The policy with ``OMN_RETRY_DEADLINE`` seconds (default 60) per write."""
+        return cls(deadline=float(os.environ.get("OMN_RETRY_DEADLINE", "60")))

@@ -1,0 +1,220 @@
+"""The study's parent run: created once, study facts at the start, a summary at the end."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import time
+from typing import Any
+import warnings
+
+from mlflow.entities import Metric
+from mlflow.entities import Param
+from mlflow.entities import RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
+import optuna
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+from optuna_mlflow_nested._utils import param_value
+from optuna_mlflow_nested._utils import redact_secrets
+from optuna_mlflow_nested._utils import safe_mapping
+from optuna_mlflow_nested._utils import tag_value
+from optuna_mlflow_nested.tracking.clients import set_run_status
+from optuna_mlflow_nested.tracking.records import ROLE_TAG
+from optuna_mlflow_nested.tracking.records import STUDY_TAG
+
+DESCRIPTION_TAG = "mlflow.note.content"
+#: Set by the CatBoost finish: the logged model, and ``NAME/VERSION`` once registered.
+MODEL_URI_TAG = "best_model_uri"
+REGISTERED_TAG = "registered_model_version"
+
+
+def create_parent_run(
+    client: MlflowClient, experiment_id: str, study_name: str, nest_under: str | None,
+    tags: dict[str, Any] | None = None,
+) -> str:
+    all_tags = {ROLE_TAG: "study", STUDY_TAG: study_name}
+    all_tags.update(safe_mapping(tags or {}, tag_value))
+    if nest_under:
+        all_tags[MLFLOW_PARENT_RUN_ID] = nest_under
+    return str(client.create_run(experiment_id, tags=all_tags, run_name=study_name).info.run_id)
+
+
+def log_parent_start(client: MlflowClient, run_id: str, params: dict[str, Any],
+                     tags: dict[str, Any]) -> None:
+    """Study-level facts, once, when the parent run is created."""
+    client.log_batch(
+        run_id,
+        params=[Param(k, v) for k, v in safe_mapping(params, param_value).items()],
+        tags=[RunTag(k, v) for k, v in safe_mapping(tags, tag_value).items()],
+        synchronous=True,
+    )
+
+
+def mark_parent_running(client: MlflowClient, run_id: str, budget: dict[str, Any]) -> None:
+    """Record the requested budget and reopen the parent; a server that is away is not fatal."""
+    try:
+        client.log_batch(run_id, tags=[RunTag(f"budget.{k}", str(v)) for k, v in budget.items()],
+                         synchronous=True)
+        set_run_status(client, run_id, "RUNNING")
+    except Exception as exc:
+        warnings.warn(f"could not update the parent run {run_id}: {redact_secrets(exc)}",
+                      RuntimeWarning, stacklevel=3)
+
+
+def running_best(study: optuna.Study, trials: list[FrozenTrial]) -> list[tuple[int, float]]:
+    """(trial number, best value so far) after each complete trial; empty if multi-objective."""
+    if len(study.directions) != 1:
+        return []
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+    best = math.inf
+    history = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        if trial.state == TrialState.COMPLETE and trial.value is not None:
+            best = min(best, sign * trial.value)
+            history.append((trial.number, sign * best))
+    return history
+
+
+def _best_tags(study: optuna.Study, trials: list[FrozenTrial],
+               run_ids: dict[int, str]) -> tuple[dict[str, str], list[FrozenTrial]]:
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        return {}, []
+    best = study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    tags: dict[str, Any] = {}
+    if len(study.directions) == 1:
+        tags["best_trial"] = best[0].number
+        if best[0].number in run_ids:
+            tags["best_run_id"] = run_ids[best[0].number]
+        tags.update({f"best.{k}": v for k, v in best[0].params.items()})
+    else:
+        tags["pareto_trials"] = ",".join(str(t.number) for t in best)
+    return safe_mapping(tags, tag_value), best
+
+
+def _description(study: optuna.Study, trials: list[FrozenTrial], best: list[FrozenTrial],
+                 run_ids: dict[int, str], parent_tags: dict[str, str]) -> str:
+    counts = collections.Counter(t.state.name for t in trials)
+    directions = ", ".join(d.name.lower() for d in study.directions)
+    params = sorted({p for t in trials for p in t.distributions})
+    lines = [f"**Optuna study `{study.study_name}`** ({directions}), sampler "
+             f"`{type(study.sampler).__name__}`.", "",
+             f"Searched: {', '.join(f'`{p}`' for p in params) or 'no parameters'}.",
+             f"Trials: {len(trials)} (" + ", ".join(f"{n} {s.lower()}" for s, n in
+                                                   sorted(counts.items())) + ")."]
+    budget = {k[len("budget."):]: v for k, v in parent_tags.items()
+              if k.startswith("budget.") and v != "None"}
+    if budget:
+        lines.append("Budget of the last `optimize`: "
+                     + ", ".join(f"`{k}={v}`" for k, v in sorted(budget.items())) + ".")
+    lines.append("")
+    if len(study.directions) == 1 and best:
+        t = best[0]
+        lines.append(f"Best: trial {t.number}, value **{t.value:.6g}**, run "
+                     f"`{run_ids.get(t.number, '?')}`.")
+        lines += [f"- `{k}` = {v!r}" for k, v in t.params.items()]
+    elif best:
+        lines.append("Pareto front: " + "; ".join(
+            f"trial {t.number} {[round(v, 6) for v in (t.values or [])]}" for t in best))
+    model_uri = parent_tags.get(MODEL_URI_TAG)
+    if model_uri:
+        lines += ["", f"Model (the finish step's refit): `{model_uri}`. Load it with "
+                  f"`mlflow.pyfunc.load_model(\"{model_uri}\")` after `mlflow.set_tracking_uri(URI)` "
+                  "(URI: this store), or the best model of the experiment with "
+                  "`omn.load_best_model(EXPERIMENT, tracking_uri=URI)`."]
+    registered = parent_tags.get(REGISTERED_TAG)
+    if registered:
+        lines.append(f"Registered as `{registered}`; production code loads "
+                     f"`models:/{registered.rsplit('/', 1)[0]}@champion` (registry URI: this store).")
+    return "\n".join(lines)
+
+
+def refresh_description(client: MlflowClient, run_id: str, study: optuna.Study,
+                        run_ids: dict[int, str]) -> None:
+    """Rewrite the parent's description from the study and the parent's own tags."""
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        return
+    _, best = _best_tags(study, trials, run_ids)
+    tags = client.get_run(run_id).data.tags
+    client.set_tag(run_id, DESCRIPTION_TAG, _description(study, trials, best, run_ids, tags))
+
+
+#: Above this many trials, a compact summary (``trial_runs=K``) draws no figures.
+FIGURE_LIMIT = 1000
+
+
+def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
+                       run_ids: dict[int, str], figures: bool = True,
+                       compact: bool = False) -> None:
+    """The parent's running ``best_value``, counts per state, best trial, table, figures.
+
+    Only steps not yet logged are added to ``best_value``, so calling this after each
+    ``optimize`` (or from several workers) never duplicates history. ``compact`` (big
+    searches): ``best_value`` only where it improves, parameter importances as
+    metrics, and figures only up to :data:`FIGURE_LIMIT` trials.
+    """
+    trials = study.get_trials(deepcopy=False)
+    now = int(time.time() * 1000)
+    logged = {m.step for m in client.get_metric_history(run_id, "best_value")}
+    history = running_best(study, trials)
+    if compact:
+        history = [(s, v) for i, (s, v) in enumerate(history) if i == 0 or v != history[i - 1][1]]
+    metrics = [Metric("best_value", value, now, step) for step, value in history
+               if step not in logged]
+    counts = collections.Counter(t.state for t in trials)
+    for state, name in [(TrialState.COMPLETE, "n_complete"), (TrialState.PRUNED, "n_pruned"),
+                        (TrialState.FAIL, "n_failed")]:
+        metrics.append(Metric(name, float(counts.get(state, 0)), now, 0))
+    metrics.append(Metric("n_trials", float(len(trials)), now, 0))
+    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH], synchronous=True)
+    if not trials:
+        return
+    tags, best = _best_tags(study, trials, run_ids)
+    parent_tags = client.get_run(run_id).data.tags
+    tags[DESCRIPTION_TAG] = _description(study, trials, best, run_ids, parent_tags)
+    items = [RunTag(k, v) for k, v in tags.items()]
+    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
+    frame = _compact_frame(study, trials) if compact else study.trials_dataframe()
+    client.log_text(run_id, frame.to_csv(index=False), "trials.csv")
+    intermediate = {t.number: json.dumps(t.intermediate_values) for t in trials
+                    if t.intermediate_values}
+    table = frame.assign(run_id=frame["number"].map(run_ids),
+                         intermediate_values=frame["number"].map(intermediate))
+    for column in table.columns:
+        if table[column].dtype.kind in "mMO":  # dates, durations, objects: as text
+            table[column] = table[column].astype(str)
+    client.log_table(run_id, data=table, artifact_file="trials_table.json")
+    if figures and (not compact or len(trials) <= FIGURE_LIMIT):
+        from optuna_mlflow_nested.tracking.figures import log_figures
+
+        log_figures(client, run_id, study)
+
+
+def _compact_frame(study: optuna.Study, trials: list[FrozenTrial]) -> Any:
+    """The trials as a table, built directly (a third of ``trials_dataframe``'s time)."""
+    import pandas as pd
+
+    single = len(study.directions) == 1
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+        if single:
+            row["value"] = t.value
+        else:
+            row.update({f"values_{i}": v for i, v in enumerate(t.values or [])})
+        row["datetime_start"] = t.datetime_start
+        row["duration_s"] = ((t.datetime_complete - t.datetime_start).total_seconds()
+                             if t.datetime_complete and t.datetime_start else None)
+        row.update({f"params_{k}": v for k, v in t.params.items()})
+        row.update({f"user_attrs_{k}": v for k, v in t.user_attrs.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,79 @@
+"""MLflow made to agree with Optuna's storage, the source of truth."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence
+import time
+
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+import optuna
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+from optuna_mlflow_nested.tracking.clients import set_run_status
+from optuna_mlflow_nested.tracking.delivery import deliver
+from optuna_mlflow_nested.tracking.delivery import equals_clause
+from optuna_mlflow_nested.tracking.delivery import search_equal
+from optuna_mlflow_nested.tracking.records import TRIAL_NUMBER_TAG
+from optuna_mlflow_nested.tracking.records import trial_record
+from optuna_mlflow_nested.tracking.run_pool import PENDING_RUN_NAME
+
+
+def runs_to_keep(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    """Under ``trial_runs=k``: the ``k`` best complete trials (the Pareto front, best
+    first, for several objectives) and every failed trial (for its traceback)."""
+    trials = study.get_trials(deepcopy=False)
+    if len(study.directions) == 1:
+        complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        best = sorted(complete, key=lambda t: (t.value, t.number), reverse=maximize)[:k]
+    else:
+        best = sorted(study.best_trials, key=lambda t: t.number)[:k]
+    return best + [t for t in trials if t.state == TrialState.FAIL]
+
+
+def reconcile_study(
+    client: MlflowClient, study: optuna.Study, *, experiment_id: str, parent_run_id: str,
+    tracking_uri: str, run_ids: Callable[[], dict[int, str]], metric_name: str | Sequence[str] = "value",
+    orphan_age: float = 3600.0, create_missing: bool = False,
+) -> int:
+    """Finish RUNNING child runs of finished trials, delete stale spare runs and, with
+    ``create_missing``, write a child run for every finished trial that has none.
+
+    ``run_ids`` gives the trial number -> run id mapping; it is read after the search
+    for RUNNING runs, so a run a live trial took from the pool before the search (still
+    named ``trial-pending``) is known as that trial's and never taken for a spare.
+
+    Returns the number of runs written.
+    """
+    children = {MLFLOW_PARENT_RUN_ID: parent_run_id}
+    running = search_equal(client, [experiment_id], children,
+                           equals_clause("attributes.status", "RUNNING"))
+    finished = {t.number: t for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    mapping = run_ids()
+    trial_of_run = {run_id: finished[n] for n, run_id in mapping.items() if n in finished}
+    in_use = set(mapping.values())
+    mended = 0
+    now_ms = time.time() * 1000
+    for run in running:
+        trial = trial_of_run.get(run.info.run_id)
+        if trial is not None:
+            deliver(client, trial_record(study, trial, tracking_uri=tracking_uri,
+                                         experiment_id=experiment_id, parent_run_id=parent_run_id,
+                                         run_id=run.info.run_id, metric_name=metric_name))
+            mended += 1
+        elif (run.info.run_name == PENDING_RUN_NAME and run.info.run_id not in in_use
+              and now_ms - run.info.start_time > orphan_age * 1000):
+            set_run_status(client, run.info.run_id, "KILLED")  # deleted runs must not stay RUNNING
+            client.delete_run(run.info.run_id)
+    if create_missing:
+        have = {r.data.tags.get(TRIAL_NUMBER_TAG) for r in search_equal(client, [experiment_id], children)}
+        for trial in finished.values():
+            if str(trial.number) not in have:
+                deliver(client, trial_record(study, trial, tracking_uri=tracking_uri,
+                                             experiment_id=experiment_id, parent_run_id=parent_run_id,
+                                             run_id=None, metric_name=metric_name), lookup=False)
+                mended += 1
+    return mended

@@ -1,0 +1,117 @@
+"""Child runs created ahead of the trials, so opening a trial's run is a queue pop."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from optuna_mlflow_nested._utils import redact_secrets
+from optuna_mlflow_nested.tracking.clients import set_run_status
+from optuna_mlflow_nested.tracking.records import ROLE_TAG
+from optuna_mlflow_nested.tracking.records import STUDY_TAG
+
+_logger = logging.getLogger(__name__)
+
+#: The name of a spare run until its trial's record renames it ``trial-<n>``.
+PENDING_RUN_NAME = "trial-pending"
+
+
+class RunPool:
+    """Background threads keep ``spare`` fresh child runs ready for the next trials."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str,
+                 study_name: str, spare: int, threads: int,
+                 tags: dict[str, str] | None = None) -> None:
+        self._client = client
+        self._experiment_id = experiment_id
+        self._tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, STUDY_TAG: study_name, ROLE_TAG: "trial",
+                      **(tags or {})}
+        self._spare = spare
+        self._ready: collections.deque[Run] = collections.deque()
+        self._waiting: collections.deque[object] = collections.deque()
+        self._creating = 0
+        self.healthy = True
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._fill, name=f"omn-runpool-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _fill(self) -> None:
+        while True:
+            with self._cond:
+                while len(self._ready) + self._creating >= self._spare and not self._stop.is_set():
+                    self._cond.wait()
+                if self._stop.is_set():
+                    return
+                self._creating += 1
+            run: Run | None
+            try:
+                run = self._client.create_run(self._experiment_id, tags=self._tags,
+                                              run_name=PENDING_RUN_NAME)
+            except Exception as exc:
+                _logger.debug("creating a spare run failed: %s", redact_secrets(exc))
+                run = None
+            with self._cond:
+                self._creating -= 1
+                self.healthy = run is not None
+                if run is not None:
+                    self._ready.append(run)
+                self._cond.notify_all()
+            if run is None:
+                self._stop.wait(1.0)
+
+    def take(self, timeout: float) -> Run | None:
+        """A fresh run, or ``None`` if none could be had in time.
+
+        Waits up to ``timeout`` seconds while run creation works, and only briefly
+        while the tracking server is away (the trial then runs without a live run and
+        its record creates the run later, or goes to the spool).
+        """
+        deadline = time.monotonic() + timeout
+        ticket = object()  # first come, first served: trials start in the order they asked
+        with self._cond:
+            self._waiting.append(ticket)
+            try:
+                while not (self._ready and self._waiting[0] is ticket):
+                    if not self.healthy:
+                        deadline = min(deadline, time.monotonic() + 0.5)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._cond.wait(left)
+                return self._ready.popleft()
+            finally:
+                self._waiting.remove(ticket)
+                self._cond.notify_all()
+
+    def put_back(self, run: Run) -> None:
+        """A run :meth:`take` gave that no trial got: the next trial takes it first."""
+        with self._cond:
+            self._ready.appendleft(run)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop creating runs and delete the spare ones nobody took."""
+        with self._cond:
+            self._stop.set()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        with self._cond:
+            leftovers, self._ready = list(self._ready), collections.deque()
+        for run in leftovers:
+            with contextlib.suppress(Exception):
+                # Ended first: a deleted run must not stay RUNNING.
+                set_run_status(self._client, run.info.run_id, "KILLED")
+                self._client.delete_run(run.info.run_id)

@@ -1,0 +1,163 @@
+"""Background delivery of run records: a bounded queue, writer threads, retries, flush.
+
+When one record has exhausted its retry deadline the tracking server is taken to be
+away: later records go straight to the spool, and one probe write every
+``probe_interval`` seconds finds out when it is back. A writer thread never dies on
+an exception: a record that can be neither delivered nor spooled is kept in memory
+(:attr:`Writer.unsaved`) for the caller to report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+
+from mlflow.tracking import MlflowClient
+
+from optuna_mlflow_nested._utils import redact_secrets
+from optuna_mlflow_nested.tracking.delivery import RetryPolicy
+from optuna_mlflow_nested.tracking.delivery import deliver
+from optuna_mlflow_nested.tracking.delivery import is_retryable
+from optuna_mlflow_nested.tracking.records import RunRecord
+from optuna_mlflow_nested.tracking.spool import Spool
+
+_logger = logging.getLogger(__name__)
+
+
+class Writer:
+    """Writer threads draining a bounded queue of run records (back-pressure, not growth)."""
+
+    def __init__(self, client: MlflowClient, threads: int, spool: Spool, retry: RetryPolicy,
+                 probe_interval: float = 10.0) -> None:
+        self._client = client
+        self._spool = spool
+        self._retry = retry
+        self._probe_interval = probe_interval
+        self._queue: queue.Queue[RunRecord | None] = queue.Queue(maxsize=256)
+        self._in_flight: dict[int, RunRecord] = {}
+        self._lock = threading.Lock()
+        self._offline_since: float | None = None
+        self._last_probe = 0.0
+        self._stop = threading.Event()
+        #: Records that could be neither delivered nor spooled (the spool is unwritable).
+        self.unsaved: list[RunRecord] = []
+        self._threads = [
+            threading.Thread(target=self._work, name=f"omn-writer-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, record: RunRecord) -> None:
+        """Queue ``record`` for the writer threads (blocks while the queue is full)."""
+        self._queue.put(record)
+
+    def write(self, record: RunRecord, lookup: bool = True) -> None:
+        """Deliver ``record`` now, in the calling thread (retried, else spooled)."""
+        try:
+            self._write(record, lookup)
+        except Exception:
+            self._keep(record)
+
+    def _should_probe(self) -> bool:
+        with self._lock:
+            if self._offline_since is None:
+                return True
+            now = time.monotonic()
+            if now - self._last_probe >= self._probe_interval:
+                self._last_probe = now
+                return True
+            return False
+
+    def _work(self) -> None:
+        while True:
+            record = self._queue.get()
+            try:
+                if record is None:
+                    return
+                self._write(record)
+            except BaseException as exc:  # never let a writer thread die
+                _logger.warning("writing %s failed: %s", getattr(record, "run_name", "?"),
+                                redact_secrets(exc))
+                if record is not None:
+                    self._keep(record)
+            finally:
+                self._queue.task_done()
+
+    def _keep(self, record: RunRecord) -> None:
+        """Spool ``record``; if even that fails, hold it in memory and say so once."""
+        try:
+            self._spool.append(record)
+            return
+        except Exception as exc:
+            error = exc
+        with self._lock:
+            self.unsaved.append(record)
+        with contextlib.suppress(Exception):  # a warnings filter "error" must not kill us
+            self._spool.warn_unwritable(error)  # once, also for a tracker's two writers
+
+    def _write(self, record: RunRecord, lookup: bool = True) -> None:
+        if not self._should_probe():
+            self._keep(record)
+            return
+        key = id(record)
+        with self._lock:
+            self._in_flight[key] = record
+        try:
+            if self._offline_since is None:
+                self._retry.call(lambda: deliver(self._client, record, lookup=lookup), self._stop)
+            else:
+                deliver(self._client, record, lookup=lookup)
+            with self._lock:
+                self._offline_since = None
+        except Exception as exc:
+            if is_retryable(exc):
+                with self._lock:
+                    if self._offline_since is None:
+                        self._offline_since = self._last_probe = time.monotonic()
+                self._keep(record)
+            else:
+                _logger.warning("MLflow rejected %s: %s", record.run_name, redact_secrets(exc))
+        finally:
+            with self._lock:
+                self._in_flight.pop(key, None)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the queue; past ``timeout`` seconds spool what is left. True if drained."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._queue.all_tasks_done.wait(left)
+            else:
+                return True
+        # Give up on the server: spool everything queued or under way. A write still
+        # under way may land later; replay is idempotent, so nothing duplicates.
+        self._stop.set()
+        with self._lock:
+            pending = list(self._in_flight.values())
+        while True:
+            try:
+                record = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if record is not None:
+                pending.append(record)
+            self._queue.task_done()
+        for record in pending:
+            self._keep(record)
+        return False
+
+    def close(self, timeout: float | None = None) -> bool:
+        drained = self.flush(timeout)
+        for _ in self._threads:
+            with contextlib.suppress(queue.Full):
+                self._queue.put(None, timeout=1)
+        for thread in self._threads:
+            thread.join(timeout=5 if drained else 0.1)
+        return drained

@@ -1,0 +1,276 @@
+"""A writer process: child runs created and written outside the objective's interpreter.
+
+The MLflow client's work (SQLAlchemy for a SQLite store, HTTP and JSON for a server) is
+CPU-bound Python; in a thread it competes with a CPU-bound objective for the GIL. Here
+it runs in one child process per Python process (started once, reused by every study),
+so the trial's own cost is a hand-off: a pickled record written to a pipe.
+
+The child is a plain ``python -m`` subprocess (not ``multiprocessing``'s spawn, which
+would re-run the user's ``__main__``); messages are pickles framed by
+``multiprocessing.connection.Connection`` over two pipes. In the child, each session
+(one ``optimize``) has the same :class:`~optuna_mlflow_nested.tracking.writer.Writer`
+and :class:`~optuna_mlflow_nested.tracking.run_pool.RunPool` as the in-process path:
+retries, spool on outage, spare runs created ahead.
+
+Guarantees: a record whose hand-off returned is in the kernel's pipe buffer; the child
+delivers (or spools) it even if the objective's process is killed right after, and
+then exits when it reads the end of the pipe. Not guaranteed: a trial whose process
+died before its record was handed off (``sync`` rebuilds it from Optuna's storage).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+from multiprocessing.connection import Connection
+import os
+import subprocess
+import sys
+import threading
+from typing import Any
+import uuid
+
+from mlflow.entities import Run
+
+from optuna_mlflow_nested.tracking.records import RunRecord
+
+_START_TIMEOUT = float(os.environ.get("OMN_WRITER_START_TIMEOUT", "60"))
+
+
+class WriterProcess:
+    """The parent's end: one child per process, shared by every session."""
+
+    _instance: WriterProcess | None = None
+    _instance_lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> WriterProcess:
+        """The running writer process, started on first use (or after it died)."""
+        with cls._instance_lock:
+            if cls._instance is None or not cls._instance.alive():
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "optuna_mlflow_nested.tracking.writer_process",
+             str(to_child_r), str(from_child_w)],
+            pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C to the user's process group must not kill it
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._send_conn = Connection(to_child_w, readable=False)
+        self._recv_conn = Connection(from_child_r, writable=False)
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._runs: dict[str, collections.deque[Run]] = {}
+        self._replies: dict[str, Any] = {}
+        self._ready = False
+        self._reader = threading.Thread(target=self._read, name="omn-writer-reader", daemon=True)
+        self._reader.start()
+        atexit.register(self.stop)
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None and self._reader.is_alive()
+
+    def send(self, *message: Any) -> None:
+        with self._send_lock:
+            self._send_conn.send(message)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, key, payload = self._recv_conn.recv()
+            except (EOFError, OSError):
+                with self._cond:
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                if kind == "ready":
+                    self._ready = True
+                elif kind == "run":
+                    self._runs.setdefault(key, collections.deque()).append(payload)
+                else:  # a reply to a request
+                    self._replies[key] = payload
+                self._cond.notify_all()
+
+    def wait_ready(self, timeout: float = _START_TIMEOUT) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._ready or not self.alive(), timeout) \
+                and self._ready
+
+    def take_run(self, session: str, timeout: float) -> Run | None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._runs.get(session) or not self.alive(),
+                                       timeout) or not self._runs.get(session):
+                return None
+            return self._runs[session].popleft()
+
+    def request(self, kind: str, *args: Any, timeout: float) -> Any:
+        """Send a request and wait for its reply (``None`` if none came in time)."""
+        token = uuid.uuid4().hex
+        self.send(kind, token, *args)
+        with self._cond:
+            self._cond.wait_for(lambda: token in self._replies or not self.alive(), timeout)
+            return self._replies.pop(token, None)
+
+    def unused_runs(self, session: str) -> list[str]:
+        with self._cond:
+            runs = self._runs.pop(session, collections.deque())
+        return [run.info.run_id for run in runs]
+
+    def stop(self) -> None:
+        """Close the pipe: the child delivers what it has, then exits."""
+        with contextlib.suppress(OSError):
+            self._send_conn.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=float(os.environ.get("OMN_RETRY_DEADLINE", "60")) + 30)
+
+
+class ProcessSession:
+    """One ``optimize``'s writer and run pool, living in the writer process.
+
+    The same calls as the in-process writer and pool: :meth:`put`, :meth:`take`,
+    :meth:`flush`, :meth:`close`.
+    """
+
+    def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                 study_name: str, spare: int, threads: int, spool_path: str,
+                 retry_deadline: float, pool_tags: dict[str, str] | None) -> None:
+        self._process = WriterProcess.get()
+        self._id = uuid.uuid4().hex
+        self._retry_deadline = retry_deadline
+        self.unsaved: list[RunRecord] = []
+        if not self._process.wait_ready():
+            raise RuntimeError("the writer process did not start")
+        self._process.send("open", self._id, dict(
+            tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
+            study_name=study_name, spare=spare, threads=threads, spool_path=spool_path,
+            retry_deadline=retry_deadline, pool_tags=pool_tags))
+
+    def put(self, record: RunRecord) -> None:
+        self._process.send("record", self._id, record)
+
+    def take(self, timeout: float) -> Run | None:
+        run = self._process.take_run(self._id, timeout)
+        if run is not None:
+            self._process.send("want", self._id, 1)
+        return run
+
+    def flush(self, timeout: float | None = None) -> bool:
+        reply = self._process.request("flush", self._id, timeout=timeout or 1e9)
+        return reply is not None and bool(reply)
+
+    def close(self, timeout: float | None = None) -> bool:
+        unused = self._process.unused_runs(self._id)
+        reply = self._process.request("close", self._id, unused,
+                                      timeout=(timeout or self._retry_deadline) + 30)
+        if reply is None:
+            return False
+        drained, unsaved = reply
+        self.unsaved.extend(unsaved)
+        return bool(drained)
+
+
+# --------------------------------------------------------------------------- the child
+
+
+def _serve(receive: Connection, reply: Connection) -> None:
+    from optuna_mlflow_nested.tracking.clients import get_client
+    from optuna_mlflow_nested.tracking.delivery import RetryPolicy
+    from optuna_mlflow_nested.tracking.run_pool import RunPool
+    from optuna_mlflow_nested.tracking.spool import Spool
+    from optuna_mlflow_nested.tracking.writer import Writer
+
+    reply_lock = threading.Lock()
+
+    def send(kind: str, key: str, payload: Any) -> None:
+        with reply_lock:
+            reply.send((kind, key, payload))
+
+    class Session:
+        def __init__(self, sid: str, options: dict[str, Any]) -> None:
+            client = get_client(options["tracking_uri"])
+            self.writer = Writer(client, options["threads"], Spool(options["spool_path"]),
+                                 RetryPolicy(deadline=options["retry_deadline"]))
+            self.pool = RunPool(client, options["experiment_id"], options["parent_run_id"],
+                                options["study_name"], spare=options["spare"],
+                                threads=options["threads"], tags=options["pool_tags"])
+            self.client = client
+            self.credit = threading.Semaphore(options["spare"])
+            self.closed = threading.Event()
+            self.sid = sid
+            self.deadline = float(options["retry_deadline"]) + 30
+            threading.Thread(target=self.push_runs, daemon=True).start()
+
+        def push_runs(self) -> None:
+            while not self.closed.is_set():
+                if not self.credit.acquire(timeout=0.5):
+                    continue
+                run = None
+                while run is None and not self.closed.is_set():
+                    run = self.pool.take(1.0)
+                if run is None:
+                    return
+                if self.closed.is_set():
+                    self.pool_delete([run.info.run_id])
+                    return
+                send("run", self.sid, run)
+
+        def pool_delete(self, run_ids: list[str]) -> None:
+            from optuna_mlflow_nested.tracking.clients import set_run_status
+
+            for run_id in run_ids:
+                with contextlib.suppress(Exception):
+                    set_run_status(self.client, run_id, "KILLED")
+                    self.client.delete_run(run_id)
+
+        def close(self, unused: list[str], timeout: float) -> tuple[bool, list[RunRecord]]:
+            self.closed.set()
+            self.pool.close()
+            self.pool_delete(unused)
+            drained = self.writer.close(timeout=timeout)
+            return drained, list(self.writer.unsaved)
+
+    sessions: dict[str, Session] = {}
+    send("ready", "", None)
+    while True:
+        try:
+            message = receive.recv()
+        except (EOFError, OSError):
+            break  # the parent is gone or done: deliver what we have, then exit
+        kind, key = message[0], message[1]
+        if kind == "record":
+            session = sessions.get(key)
+            if session is not None:
+                session.writer.put(message[2])
+        elif kind == "open":
+            sessions[key] = Session(key, message[2])
+        elif kind == "want":
+            if key in sessions:
+                sessions[key].credit.release(message[2])
+        elif kind == "flush":
+            token, sid = key, message[2]
+            drained = sessions[sid].writer.flush() if sid in sessions else True
+            send("reply", token, drained)
+        elif kind == "close":
+            token, sid, unused = key, message[2], message[3]
+            session = sessions.pop(sid, None)
+            outcome = session.close(unused, session.deadline) if session else (True, [])
+            send("reply", token, outcome)
+    for session in sessions.values():
+        session.close([], 120.0)
+
+
+def main(argv: list[str]) -> None:
+    receive = Connection(int(argv[0]), writable=False)
+    reply = Connection(int(argv[1]), readable=False)
+    _serve(receive, reply)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,149 @@
+"""Each private MLflow/Optuna touch in _compat, checked against the installed versions.
+
+If a supported MLflow or Optuna release changes what _compat relies on, one of these
+fails (and says which touch broke)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+import sqlite3
+import threading
+import warnings
+
+import mlflow
+from mlflow.tracking import MlflowClient
+import optuna
+from optuna.distributions import FloatDistribution
+import pytest
+
+from optuna_mlflow_nested import _compat
+
+
+def test_active_run_is_mlflows_active_run_and_thread_local(tracking_uri: str) -> None:
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    run = client.create_run("0")
+    seen_elsewhere = []
+    with _compat.active_run(run):
+        assert mlflow.active_run().info.run_id == run.info.run_id
+        mlflow.log_metric("m", 1.0)
+        thread = threading.Thread(target=lambda: seen_elsewhere.append(mlflow.active_run()))
+        thread.start()
+        thread.join()
+        ids = _compat.active_run_ids_of_all_threads()
+        assert ids[threading.get_ident()] == [run.info.run_id]
+    assert mlflow.active_run() is None
+    assert seen_elsewhere == [None]
+    assert client.get_run(run.info.run_id).data.metrics == {"m": 1.0}
+
+
+def test_default_experiment_and_explicit_uri(tracking_uri: str) -> None:
+    mlflow.set_tracking_uri(None)
+    assert _compat.explicit_tracking_uri() is None
+    mlflow.set_tracking_uri(tracking_uri)
+    assert _compat.explicit_tracking_uri() == tracking_uri
+    experiment_id = mlflow.create_experiment("chosen")
+    mlflow.set_experiment("chosen")
+    assert _compat.default_experiment_id() == experiment_id
+
+
+def test_open_store_and_update_run_info(tracking_uri: str, capsys: pytest.CaptureFixture) -> None:
+    client = MlflowClient(tracking_uri)
+    assert _compat.open_store(client) is not None
+    run = client.create_run("0", run_name="before")
+    _compat.update_run_info(client, run.info.run_id, "KILLED", 1234, "after")
+    info = client.get_run(run.info.run_id).info
+    assert (info.status, info.end_time, info.run_name) == ("KILLED", 1234, "after")
+    assert "View run" not in capsys.readouterr().out
+
+
+def test_study_storage_attrs_add_trial_and_trial_attr() -> None:
+    study = optuna.create_study()
+    storage, study_id = _compat.study_storage(study)
+    storage.set_study_system_attr(study_id, "k", "v")
+    assert storage.get_study_system_attrs(study_id)["k"] == "v"
+    added = _compat.add_trial(study, optuna.trial.create_trial(
+        params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}, value=1.0))
+    assert added.number == 0 and study.trials[0].value == 1.0
+    with pytest.raises(ValueError, match="2 values"):
+        _compat.add_trial(study, optuna.trial.create_trial(values=[1.0, 2.0]))
+    with pytest.raises(ValueError):  # FrozenTrial._validate: COMPLETE without a value
+        bad = optuna.trial.create_trial(value=1.0)
+        bad.value = None
+        _compat.add_trial(study, bad)
+    trial = study.ask()
+    _compat.set_trial_system_attr(trial, "run", "r1")
+    assert study.trials[-1].system_attrs["run"] == "r1"
+
+
+def test_claim_waiting_trial_takes_only_queued_trials() -> None:
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 0.25})
+    claimed = _compat.claim_waiting_trial(study)
+    assert claimed is not None and claimed.suggest_float("x", 0, 1) == 0.25
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING
+    assert _compat.claim_waiting_trial(study) is None
+    assert len(study.trials) == 1, "no trial is created when the queue is empty"
+
+
+def test_rdb_url_and_executor_worker_count(tmp_path) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    assert _compat.rdb_url(optuna.storages.get_storage(url)) == url
+    assert _compat.rdb_url(optuna.storages.RDBStorage(url)) == url
+    assert _compat.rdb_url(optuna.storages.InMemoryStorage()) is None
+    with ThreadPoolExecutor(3) as threads, ProcessPoolExecutor(2) as processes:
+        assert _compat.executor_worker_count(threads) == 3
+        assert _compat.executor_worker_count(processes) == 2
+    assert _compat.executor_worker_count(object()) is None
+
+
+def test_trial_active_run_survives_end_run_and_ends_runs_left_active(tracking_uri: str) -> None:
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    run = client.create_run("0")
+    with _compat.trial_active_run(run, client):
+        mlflow.end_run()  # ends the run and pops one of its two entries
+        assert mlflow.active_run().info.run_id == run.info.run_id
+        mlflow.log_metric("after", 1.0)  # still the trial's run, no new one
+        inner = mlflow.start_run(nested=True)  # left active by the objective
+    assert mlflow.active_run() is None
+    assert client.get_run(run.info.run_id).data.metrics == {"after": 1.0}
+    assert client.get_run(inner.info.run_id).info.status == "FINISHED"
+    assert len(client.search_runs(["0"])) == 2
+
+
+def test_trial_active_run_without_a_run_ends_the_runs_mlflow_calls_started(
+        tracking_uri: str) -> None:
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    with pytest.raises(ValueError), _compat.trial_active_run(None, client) as ended:
+        mlflow.log_metric("seen", 1.0)  # no active run: MLflow starts one
+        stray = mlflow.active_run().info.run_id
+        raise ValueError("the objective failed")
+    assert mlflow.active_run() is None
+    assert ended == [stray]
+    assert client.get_run(stray).info.status == "FAILED"
+
+
+def test_record_first_heartbeat_only_on_storages_that_keep_them(tmp_path: Path) -> None:
+    db = tmp_path / "optuna.db"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        beating = optuna.storages.RDBStorage(f"sqlite:///{db}", heartbeat_interval=60,
+                                             grace_period=120)
+    study = optuna.create_study(storage=beating)
+    trial = study.ask()
+
+    def heartbeats() -> list[int]:
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            return [row[0] for row in con.execute("SELECT trial_id FROM trial_heartbeats")]
+
+    assert heartbeats() == []  # Optuna's ask records none
+    _compat.record_first_heartbeat(study, trial)
+    assert heartbeats() == [trial._trial_id]
+    plain = optuna.create_study()  # in memory: no heartbeats, nothing to do
+    _compat.record_first_heartbeat(plain, plain.ask())

@@ -1,0 +1,288 @@
+"""optimize(executor=...): process pools, a real Dask cluster, submitit (issue 13).
+
+Every test checks the exact budget, one run per trial under the one parent, no run left
+RUNNING, and the parent's summary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+
+from mlflow.tracking import MlflowClient
+import optuna
+import pytest
+from tests_support import DaskCluster
+from tests_support import free_port
+
+import optuna_mlflow_nested as omn
+
+
+def quadratic(trial: optuna.Trial) -> float:
+    import mlflow
+
+    x = trial.suggest_float("x", -2, 2)
+    mlflow.log_metric("inside", x)
+    return x * x
+
+
+def assert_tree(study: omn.NestedStudy, expected: int) -> None:
+    trials = study.trials
+    assert len(trials) == expected
+    assert all(t.state.is_finished() for t in trials)
+    client = MlflowClient(study.tracking_uri)
+    runs = client.search_runs([study.experiment_id],
+                              f"tags.mlflow.parentRunId = '{study.parent_run_id}'")
+    numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in runs)
+    assert numbers == list(range(expected)), "one run per trial, no duplicates"
+    assert "RUNNING" not in {r.info.status for r in runs}
+    for run in runs:
+        trial = trials[int(run.data.tags["optuna.trial_number"])]
+        if trial.state.name == "COMPLETE":
+            assert run.info.status == "FINISHED"
+            assert run.data.metrics["inside"] == pytest.approx(trial.params["x"])
+    everything = client.search_runs([study.experiment_id], run_view_type=3)
+    assert "RUNNING" not in {r.info.status for r in everything}, "deleted spares must be ended"
+    parent = client.get_run(study.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["n_trials"] == expected
+    assert "best_trial" in parent.data.tags
+
+
+def make_study(tmp_path: Path, name: str, tracking_uri: str) -> omn.NestedStudy:
+    return omn.create_study(name, storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                            tracking_uri=tracking_uri, sampler="random", seed=0)
+
+
+def test_process_pool_runs_the_exact_budget(tmp_path: Path, tracking_uri: str) -> None:
+    study = make_study(tmp_path, "pool", tracking_uri)
+    study.optimize(quadratic, n_trials=3)  # the budget is the total of *this* call
+    with ProcessPoolExecutor(2) as pool:
+        study.optimize(quadratic, n_trials=13, executor=pool)
+    assert_tree(study, 16)
+    assert len({t.params["x"] for t in study.trials}) == 16, "workers were reseeded"
+
+
+def test_executor_input_errors(tmp_path: Path, tracking_uri: str) -> None:
+    in_memory = omn.create_study("mem", tracking_uri=tracking_uri)
+    with ProcessPoolExecutor(1) as pool:
+        with pytest.raises(ValueError, match="in memory"):
+            in_memory.optimize(quadratic, n_trials=2, executor=pool)
+        study = make_study(tmp_path, "errors", tracking_uri)
+        with pytest.raises(ValueError, match=r"objective 'test_executor_input_errors\.<locals>"):
+            study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2, executor=pool)
+        with pytest.raises(ValueError, match="n_trials"):
+            study.optimize(quadratic, executor=pool)
+        with pytest.raises(ValueError, match="n_workers"):
+            study.optimize(quadratic, n_trials=2, executor=pool, n_workers=0)
+    assert study.trials == [] and in_memory.trials == []
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path) -> Iterator[DaskCluster]:
+    pytest.importorskip("distributed")
+    env = {**os.environ, "OMN_HEARTBEAT_INTERVAL": "1", "OMN_GRACE_PERIOD": "3",
+           "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "5"}
+    cluster = DaskCluster(tmp_path, env)
+    cluster.add_worker()
+    cluster.add_worker()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _client(cluster: DaskCluster) -> object:
+    from distributed import Client
+
+    client = Client(cluster.address, timeout=60)
+    client.wait_for_workers(len(cluster.workers), timeout=90)
+    return client
+
+
+def test_dask_cluster_runs_the_exact_budget(tmp_path: Path, tracking_uri: str,
+                                            dask_cluster: DaskCluster) -> None:
+    study = make_study(tmp_path, "dask", tracking_uri)
+
+    def objective(trial: optuna.Trial) -> float:  # sent by value (cloudpickle)
+        import mlflow
+
+        x = trial.suggest_float("x", -2, 2)
+        mlflow.log_metric("inside", x)
+        return x * x
+
+    with _client(dask_cluster) as client:
+        study.optimize(objective, n_trials=30, executor=client.get_executor())
+    assert_tree(study, 30)
+
+
+@pytest.mark.slow
+def test_dask_worker_killed_mid_trial(tmp_path: Path, tracking_uri: str,
+                                      dask_cluster: DaskCluster,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMN_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("OMN_GRACE_PERIOD", "3")
+    study = make_study(tmp_path, "dask-kill", tracking_uri)
+    groups = {w.pid for w in dask_cluster.workers}
+
+    def objective(trial: optuna.Trial) -> float:
+        import os
+        import time
+
+        import mlflow
+
+        trial.set_user_attr("pgid", os.getpgid(0))
+        x = trial.suggest_float("x", -2, 2)
+        mlflow.log_metric("inside", x)
+        time.sleep(0.3)
+        return x * x
+
+    import threading
+
+    killed: list[int] = []
+
+    def kill_when_running() -> None:
+        # The first worker seen running a trial is SIGKILLed (whole process group).
+        watcher = optuna.load_study(study_name="dask-kill",
+                                    storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for trial in watcher.get_trials(deepcopy=False,
+                                            states=(optuna.trial.TrialState.RUNNING,)):
+                group = trial.user_attrs.get("pgid")
+                if group in groups:
+                    os.killpg(group, signal.SIGKILL)
+                    killed.append(trial.number)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_running)
+    killer.start()
+    with _client(dask_cluster) as client:
+        study.optimize(objective, n_trials=20, executor=client.get_executor(), n_workers=2)
+    killer.join()
+    assert killed, "no worker was seen running a trial"
+    assert_tree(study, 20)
+    lost = study.trials[killed[0]]
+    assert lost.state.name == "FAIL"
+    run = MlflowClient(tracking_uri).get_run(study.child_run_id(lost.number))
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_submitit_local_executor(tmp_path: Path, tracking_uri: str) -> None:
+    submitit = pytest.importorskip("submitit")
+    study = make_study(tmp_path, "submitit", tracking_uri)
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=5)
+
+    def objective(trial: optuna.Trial) -> float:
+        import mlflow
+
+        x = trial.suggest_float("x", -2, 2)
+        mlflow.log_metric("inside", x)
+        return x * x
+
+    with pytest.raises(ValueError, match="n_workers is required"):
+        study.optimize(objective, n_trials=6, executor=executor)
+    study.optimize(objective, n_trials=6, executor=executor, n_workers=2)
+    assert_tree(study, 6)
+
+
+@pytest.mark.slow
+def test_grpc_storage_proxy_as_the_shared_storage(tmp_path: Path, tracking_uri: str) -> None:
+    pytest.importorskip("grpc")
+    if not hasattr(optuna.storages, "GrpcStorageProxy"):
+        pytest.skip(f"Optuna {optuna.__version__} has no gRPC storage proxy (4.2 and newer)")
+    port = free_port()
+    # Behind the proxy a journal file: its claims of a queued trial are atomic (SQLite
+    # behind the proxy can let two workers claim the same trial).
+    code = ("import optuna; from optuna.storages.journal import JournalFileBackend; "
+            "optuna.storages.run_grpc_proxy_server(optuna.storages.JournalStorage("
+            f"JournalFileBackend('{tmp_path / 'proxied.log'}')), host='127.0.0.1', port={port})")
+    log = open(tmp_path / "proxy.log", "ab")
+    proxy = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        from optuna.storages import GrpcStorageProxy
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                storage = GrpcStorageProxy(host="127.0.0.1", port=port)
+                storage.get_all_studies()
+                break
+            except Exception:
+                if time.monotonic() > deadline or proxy.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        study = omn.create_study("grpc", storage=storage, tracking_uri=tracking_uri,
+                                 sampler="random", seed=0)
+        with ProcessPoolExecutor(2) as pool:
+            study.optimize(quadratic, n_trials=8, executor=pool)
+        assert_tree(study, 8)
+    finally:
+        os.killpg(proxy.pid, signal.SIGKILL)
+        proxy.wait(timeout=10)
+
+
+def slow_with_pid(trial: optuna.Trial) -> float:
+    import mlflow
+
+    trial.set_user_attr("pid", os.getpid())
+    x = trial.suggest_float("x", -2, 2)
+    mlflow.log_metric("inside", x)
+    time.sleep(0.3)
+    return x * x
+
+
+@pytest.mark.slow
+def test_process_pool_worker_killed_mid_trial(tmp_path: Path, tracking_uri: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A process pool whose worker is SIGKILLed is broken for good (concurrent.futures):
+    # optimize cleans up, then says so; the rest of the budget waits in the study and
+    # the next optimize with a working pool runs exactly that.
+    from concurrent.futures.process import BrokenProcessPool
+    import threading
+
+    monkeypatch.setenv("OMN_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("OMN_GRACE_PERIOD", "3")
+    study = make_study(tmp_path, "pool-kill", tracking_uri)
+    killed: list[int] = []
+
+    def kill_when_running() -> None:
+        watcher = optuna.load_study(study_name="pool-kill",
+                                    storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for trial in watcher.get_trials(deepcopy=False,
+                                            states=(optuna.trial.TrialState.RUNNING,)):
+                if trial.number >= 2 and "pid" in trial.user_attrs:
+                    os.kill(trial.user_attrs["pid"], signal.SIGKILL)
+                    killed.append(trial.number)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_running)
+    killer.start()
+    with ProcessPoolExecutor(2) as pool:
+        with pytest.raises(BrokenProcessPool, match=r"trials? .*queued"):
+            study.optimize(slow_with_pid, n_trials=12, executor=pool)
+    killer.join()
+    assert killed, "no worker was seen running a trial"
+    assert study.trials[killed[0]].state.name == "FAIL"
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(study.child_run_id(killed[0])).info.status == "FAILED"
+    everything = client.search_runs([study.experiment_id], run_view_type=3)
+    assert "RUNNING" not in {r.info.status for r in everything}
+    assert client.get_run(study.parent_run_id).info.status == "FAILED"
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert waiting, "the rest of the budget is still queued"
+    with ProcessPoolExecutor(2) as pool:
+        study.optimize(slow_with_pid, n_trials=len(waiting), executor=pool)
+    assert_tree(study, 12)
