@@ -26,6 +26,7 @@ __all__ = [
     "open_store",
     "rdb_url",
     "record_first_heartbeat",
+    "running_trials_without_heartbeat",
     "set_trial_system_attr",
     "study_storage",
     "trial_active_run",
@@ -133,6 +134,34 @@ def record_first_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
     storage = study._storage
     if is_heartbeat_enabled(storage):
         storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+
+
+def running_trials_without_heartbeat(study: optuna.Study) -> set[int]:
+    """Numbers of the study's RUNNING trials that never recorded a heartbeat.
+
+    Such a trial's process died between Optuna creating the trial and its first
+    heartbeat; ``fail_stale_trials`` skips it for good. Optuna's storages have no
+    public way to ask whether a trial has a heartbeat (the RDB model is private).
+    Storages without heartbeats give an empty set.
+    """
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+    from optuna.storages._rdb import models
+
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    if not (isinstance(backend, optuna.storages.RDBStorage) and is_heartbeat_enabled(storage)):
+        return set()
+    session = backend.scoped_session()
+    try:
+        rows = (session.query(models.TrialModel.number)
+                .outerjoin(models.TrialHeartbeatModel)
+                .filter(models.TrialModel.study_id == study._study_id,
+                        models.TrialModel.state == optuna.trial.TrialState.RUNNING,
+                        models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))
+                .all())
+    finally:
+        backend.scoped_session.remove()
+    return {number for (number,) in rows}
 
 
 def add_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:

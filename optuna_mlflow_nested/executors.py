@@ -7,8 +7,9 @@ The budget is a queue: the calling process enqueues ``n_trials`` empty trials
 (WAITING); workers only ever take a queued trial, never create one, so the total is
 exact whatever the number of workers, their speed, or an engine retrying a task.
 With heartbeats (RDB storages), a worker killed mid-trial has its trial failed and
-its run ended FAILED before ``optimize`` returns. Spare runs a dead worker created
-are ended and deleted.
+its run ended FAILED before ``optimize`` returns, and so has one killed after it
+claimed a trial but before that trial's first heartbeat. Spare runs a dead worker
+created are ended and deleted.
 """
 
 from __future__ import annotations
@@ -241,11 +242,11 @@ def optimize_with_executor(
     _check_picklable(func, executor)
     workers = _resolve_workers(executor, n_workers)
     storage, _ = _compat.study_storage(study)
-    queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    for _ in range(max(0, n_trials - queued)):
+    queued = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+    for _ in range(max(0, n_trials - len(queued))):
         # A bare WAITING trial (not enqueue_trial({}), whose empty fixed params the
         # GridSampler refuses): the sampler picks its params when a worker takes it.
-        _compat.add_trial(study, create_trial(state=TrialState.WAITING))
+        queued.add(_compat.add_trial(study, create_trial(state=TrialState.WAITING)).number)
     spec = WorkerSpec(
         study_name=study.study_name, storage=storage, tracking_uri=study.tracking_uri,
         metric_name=study.metric_name, sampler=study.sampler, pruner=study.pruner, func=func,
@@ -266,7 +267,8 @@ def optimize_with_executor(
                 time.sleep(0.1)
         _end_spare_runs(study, spec.session)
         raise
-    _fail_stale_trials(study)
+    if _fail_stale_trials(study, queued):
+        study.reconcile(create_missing=True)  # those trials died before their run was known
     _end_spare_runs(study, spec.session)
     if errors:
         raise _with_budget_left(study, errors[0])
@@ -319,12 +321,18 @@ def _wait(study: NestedStudy, futures: list[Any], n_trials: int,
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def _fail_stale_trials(study: NestedStudy) -> None:
-    """Fail trials of workers that died mid-trial (heartbeats, RDB storages only)."""
+def _fail_stale_trials(study: NestedStudy, budget: set[int]) -> int:
+    """Fail trials of workers that died mid-trial (heartbeats, RDB storages only).
+
+    Every task has ended, so a trial of ``budget`` (numbers) still RUNNING without
+    ever recording a heartbeat after the whole grace period died between its claim and
+    its first heartbeat (a pool terminating its workers): ``fail_stale_trials`` never
+    fails it, so it is failed here. Returns how many such trials were failed.
+    """
     storage, _ = _compat.study_storage(study)
     url = _compat.rdb_url(storage)
     if url is None or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        return
+        return 0
     interval, grace = heartbeat_settings()
     deadline = time.monotonic() + grace + 2 * interval + 5
     with warnings.catch_warnings():
@@ -332,11 +340,18 @@ def _fail_stale_trials(study: NestedStudy) -> None:
         watched = optuna.load_study(
             study_name=study.study_name,
             storage=optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=grace))
+        silent = _compat.running_trials_without_heartbeat(watched) & budget
         while watched.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            optuna.storages.fail_stale_trials(watched)
+            # A worker killed inside a write can hold SQLite's lock a while: try again.
+            with contextlib.suppress(optuna.exceptions.StorageInternalError):
+                optuna.storages.fail_stale_trials(watched)
             if time.monotonic() > deadline:
                 break
             time.sleep(min(1.0, interval))
+        orphans = silent & _compat.running_trials_without_heartbeat(watched)
+        for number in sorted(orphans):
+            watched.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    return len(orphans)
 
 
 def _end_spare_runs(study: NestedStudy, session: str) -> None:

@@ -351,7 +351,7 @@ class NestedStudy(optuna.Study):
             self._client, self, experiment_id=self.experiment_id,
             parent_run_id=self.parent_run_id, tracking_uri=self.tracking_uri,
             run_ids=self.run_ids, metric_name=self.metric_name, orphan_age=orphan_age,
-            create_missing=create_missing and self.trial_runs is None,
+            create_missing=create_missing and self.trial_runs is None, remember=self._remember_run,
         )
         if self.trial_runs is not None:
             have = self.run_ids()

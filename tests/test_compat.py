@@ -147,3 +147,21 @@ def test_record_first_heartbeat_only_on_storages_that_keep_them(tmp_path: Path) 
     assert heartbeats() == [trial._trial_id]
     plain = optuna.create_study()  # in memory: no heartbeats, nothing to do
     _compat.record_first_heartbeat(plain, plain.ask())
+
+
+def test_running_trials_without_heartbeat_are_the_ones_fail_stale_trials_skips(
+        tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        beating = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}",
+                                             heartbeat_interval=60, grace_period=120)
+    study = optuna.create_study(storage=beating)
+    silent, beaten, done = study.ask(), study.ask(), study.ask()
+    beating.record_heartbeat(beaten._trial_id)
+    study.tell(done, 1.0)
+    assert _compat.running_trials_without_heartbeat(study) == {silent.number}
+    cached = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert _compat.running_trials_without_heartbeat(cached) == set()  # no heartbeats: none
+    plain = optuna.create_study()
+    plain.ask()
+    assert _compat.running_trials_without_heartbeat(plain) == set()

@@ -231,6 +231,39 @@ def test_grpc_storage_proxy_as_the_shared_storage(tmp_path: Path, tracking_uri: 
         proxy.wait(timeout=10)
 
 
+class DiesOnClaimingTrialTwo(optuna.samplers.RandomSampler):
+    """A real sampler whose worker process dies the moment it claims trial 2: after the
+    trial is RUNNING, before its first heartbeat (a pool terminating a worker there)."""
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.number == 2 and os.environ.get("OMN_TEST_PARENT_PID") != str(os.getpid()):
+            os._exit(1)
+        super().before_trial(study, trial)
+
+
+@pytest.mark.slow
+def test_process_pool_worker_killed_before_its_trials_first_heartbeat(
+        tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # fail_stale_trials never fails a RUNNING trial that has no heartbeat: optimize does,
+    # once every task has ended and the grace period is over, and gives it a FAILED run.
+    from concurrent.futures.process import BrokenProcessPool
+
+    monkeypatch.setenv("OMN_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("OMN_GRACE_PERIOD", "2")
+    monkeypatch.setenv("OMN_TEST_PARENT_PID", str(os.getpid()))
+    study = omn.create_study("pool-claim-kill", storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                             tracking_uri=tracking_uri, sampler=DiesOnClaimingTrialTwo(seed=0))
+    with ProcessPoolExecutor(2) as pool, pytest.raises(BrokenProcessPool):
+        study.optimize(quadratic, n_trials=6, executor=pool)
+    assert study.trials[2].state.name == "FAIL"
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(study.child_run_id(2)).info.status == "FAILED"
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    with ProcessPoolExecutor(2) as pool:
+        study.optimize(quadratic, n_trials=len(waiting), executor=pool)
+    assert_tree(study, 6)
+
+
 def slow_with_pid(trial: optuna.Trial) -> float:
     import mlflow
 

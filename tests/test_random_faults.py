@@ -331,7 +331,7 @@ def _wait_out_the_grace_period(schedule: Schedule, storage: optuna.storages.RDBS
         running = {t._trial_id for t in storage.get_all_trials(study_id, deepcopy=False,
                                                                 states=(TrialState.RUNNING,))}
         # a trial with no heartbeat yet is never stale: the assertions report it
-        return running - _heartbeat_trials(db) <= set(storage._get_stale_trial_ids(study_id))
+        return running & _heartbeat_trials(db) <= set(storage._get_stale_trial_ids(study_id))
 
     wait_for(trials_stale, 30, "the heartbeats of dead workers' trials to go stale")
     client = MlflowClient(schedule.server.uri)

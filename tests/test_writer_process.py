@@ -44,6 +44,29 @@ def test_process_writer_records_every_trial(tracking_uri: str,
     assert "RUNNING" not in {r.info.status for r in everything}
 
 
+def _quadratic(trial: optuna.Trial) -> float:
+    return trial.suggest_float("x", -1, 1) ** 2
+
+
+def test_process_writer_takes_back_the_run_of_a_workers_last_ask(
+        tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An executor worker's last ask finds the budget spent after it took a run: the run
+    # goes back to the session (and is deleted at its end), whichever writer serves it.
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("OMN_WRITER", "process")
+    study = omn.create_study("proc-pool", storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                             tracking_uri=tracking_uri, sampler="random", seed=0)
+    with ThreadPoolExecutor(2) as pool:
+        study.optimize(_quadratic, n_trials=4, executor=pool)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    runs = study.child_runs()
+    assert sorted(int(n) for n in runs["tags.optuna.trial_number"]) == list(range(4))
+    client = MlflowClient(tracking_uri)
+    everything = client.search_runs([study.experiment_id], run_view_type=3)
+    assert "RUNNING" not in {r.info.status for r in everything}
+
+
 SCRIPT = textwrap.dedent("""
     import os, sys, time, optuna
     import optuna_mlflow_nested as omn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from collections.abc import Iterator
 import contextlib
 import logging
@@ -221,6 +222,18 @@ def set_run_status(client: MlflowClient, run_id: str, status: str) -> None:
 
     end_time = None if status == "RUNNING" else int(time.time() * 1000)
     _compat.update_run_info(client, run_id, status, end_time)
+
+
+def discard_runs(client: MlflowClient, run_ids: Iterable[str]) -> None:
+    """End (KILLED) and delete spare runs no trial got, as far as the server allows.
+
+    Ended first: a deleted run must not stay RUNNING. A server that is away leaves them
+    to ``sync``, which deletes spare runs older than its grace period.
+    """
+    for run_id in run_ids:
+        with contextlib.suppress(Exception):
+            set_run_status(client, run_id, "KILLED")
+            client.delete_run(run_id)
 
 
 @masks_secrets

@@ -38,9 +38,11 @@ def reconcile_study(
     client: MlflowClient, study: optuna.Study, *, experiment_id: str, parent_run_id: str,
     tracking_uri: str, run_ids: Callable[[], dict[int, str]], metric_name: str | Sequence[str] = "value",
     orphan_age: float = 3600.0, create_missing: bool = False,
+    remember: Callable[[int, str], None] | None = None,
 ) -> int:
     """Finish RUNNING child runs of finished trials, delete stale spare runs and, with
-    ``create_missing``, write a child run for every finished trial that has none.
+    ``create_missing``, write a child run for every finished trial that has none
+    (and tell ``remember`` its trial number and run id, for the trial -> run mapping).
 
     ``run_ids`` gives the trial number -> run id mapping; it is read after the search
     for RUNNING runs, so a run a live trial took from the pool before the search (still
@@ -72,8 +74,11 @@ def reconcile_study(
         have = {r.data.tags.get(TRIAL_NUMBER_TAG) for r in search_equal(client, [experiment_id], children)}
         for trial in finished.values():
             if str(trial.number) not in have:
-                deliver(client, trial_record(study, trial, tracking_uri=tracking_uri,
-                                             experiment_id=experiment_id, parent_run_id=parent_run_id,
-                                             run_id=None, metric_name=metric_name), lookup=False)
+                run_id = deliver(client, trial_record(
+                    study, trial, tracking_uri=tracking_uri, experiment_id=experiment_id,
+                    parent_run_id=parent_run_id, run_id=None, metric_name=metric_name),
+                    lookup=False)
+                if remember is not None:
+                    remember(trial.number, run_id)
                 mended += 1
     return mended

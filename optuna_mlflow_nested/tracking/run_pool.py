@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
@@ -13,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from optuna_mlflow_nested._utils import redact_secrets
-from optuna_mlflow_nested.tracking.clients import set_run_status
+from optuna_mlflow_nested.tracking.clients import discard_runs
 from optuna_mlflow_nested.tracking.records import ROLE_TAG
 from optuna_mlflow_nested.tracking.records import STUDY_TAG
 
@@ -110,8 +109,4 @@ class RunPool:
             thread.join(timeout=5)
         with self._cond:
             leftovers, self._ready = list(self._ready), collections.deque()
-        for run in leftovers:
-            with contextlib.suppress(Exception):
-                # Ended first: a deleted run must not stay RUNNING.
-                set_run_status(self._client, run.info.run_id, "KILLED")
-                self._client.delete_run(run.info.run_id)
+        discard_runs(self._client, [run.info.run_id for run in leftovers])

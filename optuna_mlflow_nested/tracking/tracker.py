@@ -29,8 +29,8 @@ from optuna.trial import FrozenTrial
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested._utils import scrub_exception
+from optuna_mlflow_nested.tracking.clients import discard_runs
 from optuna_mlflow_nested.tracking.clients import get_client
-from optuna_mlflow_nested.tracking.clients import set_run_status
 from optuna_mlflow_nested.tracking.clients import short_http_retries
 from optuna_mlflow_nested.tracking.delivery import RetryPolicy
 from optuna_mlflow_nested.tracking.records import ROLE_TAG
@@ -196,13 +196,10 @@ class TrialTracker:
         """A run from :meth:`take_run` that no trial got (the ask failed)."""
         if run is None:
             return
-        pool = self._pool
-        if pool is not None:
-            pool.put_back(run)
-            return
-        with contextlib.suppress(Exception):  # the server may be away: sync deletes it
-            set_run_status(self._client, run.info.run_id, "KILLED")
-            self._client.delete_run(run.info.run_id)
+        if self._pool is not None:
+            self._pool.put_back(run)
+        else:
+            discard_runs(self._client, [run.info.run_id])
 
     @property
     def in_optimize(self) -> bool:

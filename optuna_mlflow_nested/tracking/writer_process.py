@@ -145,6 +145,7 @@ class ProcessSession:
         self._id = uuid.uuid4().hex
         self._retry_deadline = retry_deadline
         self.unsaved: list[RunRecord] = []
+        self._given_back: collections.deque[Run] = collections.deque()  # see put_back
         if not self._process.wait_ready():
             raise RuntimeError("the writer process did not start")
         self._process.send("open", self._id, dict(
@@ -156,17 +157,24 @@ class ProcessSession:
         self._process.send("record", self._id, record)
 
     def take(self, timeout: float) -> Run | None:
+        with contextlib.suppress(IndexError):
+            return self._given_back.popleft()
         run = self._process.take_run(self._id, timeout)
         if run is not None:
             self._process.send("want", self._id, 1)
         return run
+
+    def put_back(self, run: Run) -> None:
+        """A run :meth:`take` gave that no trial got: the next trial takes it first."""
+        self._given_back.appendleft(run)
 
     def flush(self, timeout: float | None = None) -> bool:
         reply = self._process.request("flush", self._id, timeout=timeout or 1e9)
         return reply is not None and bool(reply)
 
     def close(self, timeout: float | None = None) -> bool:
-        unused = self._process.unused_runs(self._id)
+        unused = self._process.unused_runs(self._id) + [r.info.run_id for r in self._given_back]
+        self._given_back.clear()
         reply = self._process.request("close", self._id, unused,
                                       timeout=(timeout or self._retry_deadline) + 30)
         if reply is None:
@@ -222,12 +230,9 @@ def _serve(receive: Connection, reply: Connection) -> None:
                 send("run", self.sid, run)
 
         def pool_delete(self, run_ids: list[str]) -> None:
-            from optuna_mlflow_nested.tracking.clients import set_run_status
+            from optuna_mlflow_nested.tracking.clients import discard_runs
 
-            for run_id in run_ids:
-                with contextlib.suppress(Exception):
-                    set_run_status(self.client, run_id, "KILLED")
-                    self.client.delete_run(run_id)
+            discard_runs(self.client, run_ids)
 
         def close(self, unused: list[str], timeout: float) -> tuple[bool, list[RunRecord]]:
             self.closed.set()
