@@ -146,8 +146,14 @@ def worker_initializer() -> None:
     sys.unraisablehook = quiet_interrupt
 
 
-def run_worker(spec: WorkerSpec) -> int:
+def run_worker(spec: WorkerSpec, task: int = 0) -> int:
     """One executor task: join the study, run queued trials until none is left.
+
+    Args:
+        spec: what every task of one ``optimize`` shares.
+        task: this task's index. Unused here, but it makes each task's arguments
+            differ: Dask gives calls with equal arguments one key, so ``n_workers``
+            identical submissions would run as one task.
 
     Returns:
         How many trials this task ran.
@@ -255,7 +261,7 @@ def optimize_with_executor(
         trial_inputs=tuple(study._tracking.trial_inputs or ()),
     )
     already = len(study.get_trials(deepcopy=False, states=_FINISHED))
-    futures = [executor.submit(run_worker, spec) for _ in range(min(workers, n_trials) or 1)]
+    futures = [executor.submit(run_worker, spec, task) for task in range(min(workers, n_trials) or 1)]
     try:
         errors = _wait(study, futures, n_trials, already if show_progress_bar else None)
     except KeyboardInterrupt:

@@ -110,15 +110,22 @@ def test_dask_cluster_runs_the_exact_budget(tmp_path: Path, tracking_uri: str,
     study = make_study(tmp_path, "dask", tracking_uri)
 
     def objective(trial: optuna.Trial) -> float:  # sent by value (cloudpickle)
+        import os
+        import time
+
         import mlflow
 
+        trial.set_user_attr("pid", os.getpid())
         x = trial.suggest_float("x", -2, 2)
         mlflow.log_metric("inside", x)
+        time.sleep(0.1)
         return x * x
 
     with _client(dask_cluster) as client:
         study.optimize(objective, n_trials=30, executor=client.get_executor())
     assert_tree(study, 30)
+    # One task per worker: Dask gives equal calls one key (one task) unless told apart.
+    assert len({t.user_attrs["pid"] for t in study.trials}) == 2, "both Dask workers ran trials"
 
 
 @pytest.mark.slow
