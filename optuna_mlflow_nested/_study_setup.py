@@ -22,6 +22,8 @@ from optuna_mlflow_nested.tracking import parent as parent_run
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 _PARENT_WAIT_SECONDS = 120.0
+#: The experiment of a study named "" (Optuna allows it; MLflow refuses the name "").
+UNNAMED_STUDY_EXPERIMENT = "optuna-unnamed-study"
 
 
 def attach_parent(
@@ -49,7 +51,8 @@ def attach_parent(
             f"study {study.study_name!r} has no MLflow parent run after "
             f"{_PARENT_WAIT_SECONDS:.0f}s; creating one", RuntimeWarning, stacklevel=3,
         )
-    experiment_id = tracking.get_or_create_experiment(client, experiment_name)
+    experiment_id = tracking.get_or_create_experiment(client,
+                                                      experiment_name or UNNAMED_STUDY_EXPERIMENT)
     active = mlflow.active_run()
     run_id = parent_run.create_parent_run(client, experiment_id, study.study_name,
                                           active.info.run_id if active else None, tags)

@@ -11,6 +11,7 @@ from optuna.distributions import FloatDistribution
 import pytest
 
 import optuna_mlflow_nested as omn
+from optuna_mlflow_nested._study_setup import UNNAMED_STUDY_EXPERIMENT
 
 
 def objective(trial: optuna.Trial) -> float:
@@ -46,6 +47,20 @@ def test_the_issue_lines_work(tracking_uri: str) -> None:
     runs = trial_runs(tracking_uri, study)
     assert runs[10].data.metrics["value"] == 0.5
     assert runs[10].info.status == "FINISHED" and runs[10].info.run_name == "trial-10"
+
+
+def test_a_study_named_empty_string_like_optuna_allows(tracking_uri: str, tmp_path) -> None:
+    # Optuna accepts study_name="" (its copy_study tests use it); MLflow refuses an
+    # experiment named "", so the parent goes to a fixed experiment instead.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("", storage=storage, tracking_uri=tracking_uri, seed=0)
+    study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=2)
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment(study.experiment_id)
+    assert experiment.name == UNNAMED_STUDY_EXPERIMENT
+    assert client.get_run(study.child_run_id(1)).data.tags["mlflow.parentRunId"] == study.parent_run_id
+    again = omn.load_study("", storage, tracking_uri=tracking_uri)
+    assert again.parent_run_id == study.parent_run_id
 
 
 def test_ask_tell_records_like_optimize_and_activates_the_run(tracking_uri: str) -> None:
