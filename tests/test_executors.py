@@ -105,6 +105,7 @@ def _client(cluster: DaskCluster) -> object:
     return client
 
 
+@pytest.mark.slow  # ~11 s: the default suite stays under 5 minutes
 def test_dask_cluster_runs_the_exact_budget(tmp_path: Path, tracking_uri: str,
                                             dask_cluster: DaskCluster) -> None:
     study = make_study(tmp_path, "dask", tracking_uri)

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -20,6 +22,7 @@ def test_readme_api_example_runs(tmp_path: Path) -> None:
     assert "View run" not in result.stdout
 
 
+@pytest.mark.slow  # ~26 s
 def test_readme_compare_samplers_example_runs(tmp_path: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     example = next(b for b in blocks if "omn.compare_samplers(" in b)

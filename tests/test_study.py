@@ -374,6 +374,7 @@ def _race_worker(args: tuple[str, str, int]) -> str:
     return study.parent_run_id
 
 
+@pytest.mark.slow  # ~15 s
 def test_processes_racing_on_a_fresh_sqlite_store(tmp_path: Path) -> None:
     tracking_uri = f"sqlite:///{tmp_path / 'fresh.db'}"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"

@@ -46,7 +46,7 @@ def assert_complete(study: omn.NestedStudy, uri: str, expected: int) -> None:
     assert all(r.info.lifecycle_stage == "deleted" for r in leftovers)
 
 
-@pytest.mark.parametrize("n_jobs", [1, 4])
+@pytest.mark.parametrize("n_jobs", [1, pytest.param(4, marks=pytest.mark.slow)])  # 4: ~12 s
 def test_200_fast_trials_nothing_lost(tracking_uri: str, n_jobs: int) -> None:
     study = omn.create_study(f"zero-loss-{n_jobs}", tracking_uri=tracking_uri, sampler="random")
     study.optimize(fast, n_trials=200, n_jobs=n_jobs)
