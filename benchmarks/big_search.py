@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-server", action="store_true")
     args = parser.parse_args()
+    # `timeout` and batch schedulers send SIGTERM: exit through the finally blocks that
+    # stop the servers and clusters this script started (their own process groups).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+import signal
 import sys
 import tempfile
 import time
@@ -79,6 +80,9 @@ def main() -> None:
     parser.add_argument("--trial-seconds", type=float, default=0.2)
     parser.add_argument("--engines", default="process,dask,submitit")
     args = parser.parse_args()
+    # `timeout` and batch schedulers send SIGTERM: exit through the finally blocks that
+    # stop the servers and clusters this script started (their own process groups).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("distributed").setLevel(logging.ERROR)

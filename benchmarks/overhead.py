@@ -263,6 +263,9 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="only time the once-per-optimize steps (run it in a fresh process)")
     args = parser.parse_args()
+    # `timeout` and batch schedulers send SIGTERM: exit through the finally blocks that
+    # stop the servers and clusters this script started (their own process groups).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     n = args.trials or (30 if args.quick else 120)
     small, large = (100, 500) if args.quick else (100, 5000)
     root = Path(tempfile.mkdtemp(prefix="omn-overhead-"))
