@@ -64,8 +64,17 @@ def claim_queued_trial(study: NestedStudy) -> optuna.Trial:
         FileLock(f"{path}.claim.lock") if path is not None else contextlib.nullcontext())
     if _stop_requested:  # this worker was interrupted: no further trial
         raise BudgetSpent(study.study_name)
-    with lock:
-        trial = _compat.claim_waiting_trial(study)
+    for attempt in range(5):
+        try:
+            with lock:
+                trial = _compat.claim_waiting_trial(study)
+            break
+        except optuna.exceptions.StorageInternalError:
+            # SQLite locked by another writer (heartbeats, a worker killed mid-write);
+            # the failed claim was rolled back, so trying again takes no trial twice.
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     if trial is None:
         raise BudgetSpent(study.study_name)
     return trial
