@@ -16,6 +16,7 @@ growth of resident memory over the 5,000 trials (bare Optuna's own growth shown 
     python benchmarks/overhead.py            # full: 120 trials per configuration, 3 warm rounds
     python benchmarks/overhead.py --quick    # smoke run: 30 trials, 500 for scaling
     python benchmarks/overhead.py --breakdown  # the once-per-optimize steps, cold and warm
+    python benchmarks/overhead.py --objectives sleep,numpy,python --writer both --floor 200
 """
 
 from __future__ import annotations
@@ -100,11 +101,43 @@ def python_bound(trial: optuna.Trial) -> float:
     return a + 0.0 * _python_work(_WORK["python"])
 
 
-OBJECTIVES = {"sleep": sleepy, "numpy": numpy_bound, "python": python_bound}
-
-
 def instant(trial: optuna.Trial) -> float:
     return trial.suggest_float("a", 0, 1) + trial.suggest_int("b", 0, 10)
+
+
+OBJECTIVES = {"sleep": sleepy, "numpy": numpy_bound, "python": python_bound, "instant": instant}
+
+
+def store_floor(uri: str, n: int) -> float:
+    """ms per run of the store's own work for one trial run, through MLflow's public
+    client, one call after the other: create_run, one log_batch (3 params, 2 metrics,
+    the 12 tags a trial run gets), set_terminated."""
+    from mlflow.entities import Metric
+    from mlflow.entities import Param
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(f"floor-{time.time_ns()}")
+    parent = client.create_run(experiment).info.run_id
+    tag_keys = ["number", "datetime_start", "datetime_complete", "state", "direction",
+                "a_distribution", "b_distribution", "c_distribution", "optuna.trial_number"]
+
+    def one(i: int) -> None:
+        run = client.create_run(experiment, run_name="trial-pending", tags={
+            "mlflow.parentRunId": parent, "optuna.study_name": "floor", "optuna.role": "trial"})
+        now = int(time.time() * 1000)
+        client.log_batch(run.info.run_id,
+                         metrics=[Metric("trial_number", i, now, 0), Metric("value", 0.5, now, 0)],
+                         params=[Param("a", "0.5"), Param("b", "3"), Param("c", "x")],
+                         tags=[RunTag(k, "v") for k in tag_keys], synchronous=True)
+        client.set_terminated(run.info.run_id, "FINISHED", now)
+
+    one(-1)  # the store's first-call costs are not per run
+    start = time.perf_counter()
+    for i in range(n):
+        one(i)
+    return (time.perf_counter() - start) / n * 1000
 
 
 def bare(objective, n: int) -> float:
@@ -256,10 +289,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="warm rounds per store")
     parser.add_argument("--objectives", default="sleep",
-                        help="comma-separated: sleep (50 ms), numpy, python (~100 ms of work)")
+                        help="comma-separated: sleep (50 ms), numpy, python (~100 ms of work), instant")
     parser.add_argument("--writer", default="threads",
                         help="this project's writer: threads, process, or both")
     parser.add_argument("--no-scaling", action="store_true", help="skip the instant-objective run")
+    parser.add_argument("--floor", type=int, default=0, metavar="N",
+                        help="also N instant trials per store against the store's own per-run cost")
     parser.add_argument("--breakdown", action="store_true",
                         help="only time the once-per-optimize steps (run it in a fresh process)")
     args = parser.parse_args()
@@ -281,7 +316,7 @@ def main() -> None:
     server = Server(root / "server")
     rows = []
     try:
-        for kind in args.objectives.split(","):
+        for kind in [k for k in args.objectives.split(",") if k]:
             for writer in writers:
                 os.environ["OMN_WRITER"] = writer
                 for store, uri in (("SQLite", f"sqlite:///{root}/sqlite-{kind}-{writer}.db"),
@@ -301,6 +336,19 @@ def main() -> None:
               f"{row.cold_ours_ms / row.cold_legacy_ms:.3f} |")
         print(f"| {row.store} | warm (median) | {row.ours_ms:.2f} | {row.legacy_ms:.2f} | "
               f"{row.ours_ms / row.legacy_ms:.3f} |")
+    if args.floor:
+        print("\n| tracking store | instant objective, ours (ms/trial over bare Optuna) "
+              "| the store's own create + log_batch + terminate (ms/run) | ratio |")
+        print("| --- | --- | --- | --- |")
+        server = Server(root / "server-floor")
+        try:
+            for store, uri in (("SQLite", f"sqlite:///{root}/floor.db"), ("mlflow server", server.uri)):
+                floor = store_floor(uri, args.floor)
+                ours(instant, 5, uri)  # warm
+                per_trial = (ours(instant, args.floor, uri) - bare(instant, args.floor)) / args.floor * 1000
+                print(f"| {store} | {per_trial:.2f} | {floor:.2f} | {per_trial / floor:.2f} |", flush=True)
+        finally:
+            server.stop()
     if args.no_scaling:
         return
 

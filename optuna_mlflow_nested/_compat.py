@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import contextlib
+import logging
+import threading
 from typing import Any
 
 from mlflow.entities import Run
@@ -23,6 +25,7 @@ __all__ = [
     "default_experiment_id",
     "executor_worker_count",
     "explicit_tracking_uri",
+    "quiet_retried_store_errors",
     "open_store",
     "rdb_url",
     "record_first_heartbeat",
@@ -32,6 +35,36 @@ __all__ = [
     "trial_active_run",
     "update_run_info",
 ]
+
+
+#: MLflow's SQL session maker logs every ``OperationalError`` (SQLite's "database is
+#: locked" under many writers) with its traceback before it raises it; no setting turns
+#: that one log line off.
+_SQL_SESSION_LOGGER = "mlflow.store.db.utils"
+
+
+class _RetriedStoreErrors(logging.Filter):
+    """Drops MLflow's traceback for a store error raised in a thread that retries it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and threading.current_thread().name.startswith(_RETRYING))
+
+
+_RETRYING = ("omn-writer", "omn-runpool", "omn-session")
+_quiet_filter = _RetriedStoreErrors()
+
+
+def quiet_retried_store_errors() -> None:
+    """No traceback on stderr for a store error that this project's writer retries.
+
+    The writer's threads (named ``omn-writer-*``, ``omn-runpool-*``, ``omn-session-*``)
+    retry a failed write with backoff and report one warning only if it finally fails;
+    MLflow's own traceback for each failed attempt is dropped there, and only there:
+    the same error in the user's own MLflow calls is still logged as MLflow logs it.
+    """
+    logger = logging.getLogger(_SQL_SESSION_LOGGER)
+    if _quiet_filter not in logger.filters:
+        logger.addFilter(_quiet_filter)
 
 
 @contextlib.contextmanager

@@ -29,11 +29,13 @@ from optuna_mlflow_nested.executors import claim_queued_trial
 from optuna_mlflow_nested.executors import optimize_with_executor
 from optuna_mlflow_nested.samplers import SAMPLER_NAMES
 from optuna_mlflow_nested.samplers import make_sampler
+from optuna_mlflow_nested.tracking import figures
 from optuna_mlflow_nested.tracking import parent as parent_run
 from optuna_mlflow_nested.tracking.delivery import equals_clause
 from optuna_mlflow_nested.tracking.figures import warm_up_figures
 from optuna_mlflow_nested.tracking.reconcile import reconcile_study
 from optuna_mlflow_nested.tracking.reconcile import runs_to_keep
+from optuna_mlflow_nested.tracking.tracker import prepare_writer
 
 __all__ = ["NestedStudy", "make_sampler", "SAMPLER_NAMES"]
 
@@ -94,6 +96,8 @@ class NestedStudy(optuna.Study):
         self._omn_local = threading.local()
         #: Set in executor workers: ask() only takes queued trials of the shared budget.
         self._worker_session: str | None = None
+        if trial_runs is None:
+            prepare_writer(tracking_uri)  # its imports take seconds: ready when optimize comes
 
     # pickling (executors send the study to workers): no threads, no clients ---------
     def __getstate__(self) -> dict[Any, Any]:
@@ -366,15 +370,16 @@ class NestedStudy(optuna.Study):
     def _finish(self, status: str | None) -> None:
         # Optuna's storage holds the results: a tracking server that is away must not
         # turn a finished search into an exception. ``status=None``: summary only.
-        unsaved = self._tracking.unsaved
-        if unsaved:
-            warnings.warn(f"{len(unsaved)} trial run(s) could be neither delivered nor spooled; "
-                          "`optuna-mlflow-nested sync --study-name ... --storage ...` rebuilds "
-                          "them from Optuna's storage", RuntimeWarning, stacklevel=3)
+        self._tracking.warn_if_unsaved(stacklevel=4)
+        compact = self.trial_runs is not None
+        # Big searches (compact) used no writer process: their figures are drawn here.
+        drawing = None if compact else figures.start_elsewhere(
+            self._client, self.tracking_uri, self.parent_run_id, self)
         for step in (self.reconcile,
                      lambda: parent_run.log_parent_summary(self._client, self.parent_run_id, self,
-                                                           self.run_ids(),
-                                                           compact=self.trial_runs is not None),
+                                                           self.run_ids(), figures=drawing is None,
+                                                           compact=compact),
+                     drawing or (lambda: None),
                      lambda: status is None or tracking.set_run_status(self._client,
                                                                        self.parent_run_id, status)):
             try:

@@ -165,3 +165,45 @@ def test_running_trials_without_heartbeat_are_the_ones_fail_stale_trials_skips(
     plain = optuna.create_study()
     plain.ask()
     assert _compat.running_trials_without_heartbeat(plain) == set()
+
+
+def test_quiet_retried_store_errors_drops_mlflows_traceback_only_in_retrying_threads(
+        tracking_uri: str, capfd: pytest.CaptureFixture[str]) -> None:
+    # MLflow's SQL session maker still logs an OperationalError with its traceback
+    # under this logger name; the filter drops it in the writer's threads only.
+    import logging
+
+    from mlflow.store.db import utils as db_utils
+
+    assert db_utils._logger.name == _compat._SQL_SESSION_LOGGER
+    _compat.quiet_retried_store_errors()
+    _compat.quiet_retried_store_errors()  # idempotent: one filter
+    logger = logging.getLogger(_compat._SQL_SESSION_LOGGER)
+    assert sum(f is _compat._quiet_filter for f in logger.filters) == 1
+
+    store = MlflowClient(tracking_uri)._tracking_client.store
+    path = tracking_uri[len("sqlite:///"):]
+
+    def locked_write() -> None:
+        holder = sqlite3.connect(path)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(Exception, match="locked"), \
+                    store.ManagedSessionMaker(read_only=False) as session:
+                session.execute(sqlalchemy.text("PRAGMA busy_timeout = 1"))
+                session.execute(sqlalchemy.text("UPDATE experiments SET name = name"))
+        finally:
+            holder.rollback()
+            holder.close()
+
+    import sqlalchemy
+
+    for name in ("omn-writer-0", "user-thread"):
+        thread = threading.Thread(target=locked_write, name=name)
+        thread.start()
+        thread.join()
+        err = capfd.readouterr().err
+        if name == "user-thread":
+            assert "Traceback" in err and "locked" in err
+        else:
+            assert "Traceback" not in err

@@ -118,3 +118,117 @@ def test_sigkill_after_tell_loses_no_told_trial(tmp_path: Path, tracking_uri: st
         if run.data.tags.get("optuna.role") == "trial":
             number = int(run.data.tags["optuna.trial_number"])
             assert run.data.metrics["value"] == pytest.approx(told[number].value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer", ["process", "threads"])
+def test_trials_faster_than_the_store_are_named_at_run_time_and_nothing_is_lost(
+        tracking_uri: str, monkeypatch: pytest.MonkeyPatch, writer: str) -> None:
+    # An instant objective on a SQLite store: trials end far faster than the store
+    # writes runs. One warning says so during the search (with both rates), once per
+    # optimize; every trial still gets its run by the time optimize returns.
+    monkeypatch.setenv("OMN_WRITER", writer)
+    study = omn.create_study(f"fast-{writer}", tracking_uri=tracking_uri, sampler="random", seed=0)
+    with pytest.warns(RuntimeWarning, match="trials end faster than the tracking store") as seen:
+        study.optimize(_quadratic, n_trials=250)
+    lag = [w for w in seen if "trials end faster" in str(w.message)]
+    assert len(lag) == 1
+    assert "runs/s" in str(lag[0].message) and "mlflow server" in str(lag[0].message)
+    runs = study.child_runs()
+    assert sorted(int(n) for n in runs["tags.optuna.trial_number"]) == list(range(250))
+    assert set(runs["status"]) == {"FINISHED"}
+
+
+def test_a_search_the_store_keeps_up_with_gets_no_rate_warning(
+        tracking_uri: str, recwarn: pytest.WarningsRecorder) -> None:
+    study = omn.create_study("slow-enough", tracking_uri=tracking_uri, sampler="random", seed=0)
+    study.optimize(_quadratic, n_trials=10)
+    assert not [w for w in recwarn if "trials end faster" in str(w.message)]
+
+
+LOCKED_SCRIPT = textwrap.dedent("""
+    import sqlite3, sys, threading, time, optuna
+    import optuna_mlflow_nested as omn
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    uri = sys.argv[1]
+    study = omn.create_study("locked", tracking_uri=uri, sampler="random", seed=0)
+
+    def objective(trial):
+        if trial.number == 1:
+            # Another process's long write: longer than MLflow's 20 s busy timeout.
+            holder = sqlite3.connect(uri[len("sqlite:///"):], check_same_thread=False)
+            holder.execute("BEGIN EXCLUSIVE")
+            threading.Timer(25, lambda: (holder.commit(), holder.close())).start()
+        return trial.suggest_float("x", -1, 1) ** 2
+
+    study.optimize(objective, n_trials=4)
+    runs = study.child_runs()
+    print("RUNS", len(runs), sorted(set(runs["status"])))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer", ["process", "threads"])
+def test_a_store_write_that_was_retried_and_landed_prints_no_traceback(
+        tmp_path: Path, tracking_uri: str, writer: str) -> None:
+    # SQLite refuses a write while another connection holds its lock ("database is
+    # locked" after MLflow's busy timeout); the writer retries it and it lands. MLflow
+    # logs each failed attempt with its traceback: on stderr, that reads as data lost.
+    script = tmp_path / "locked.py"
+    script.write_text(LOCKED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), tracking_uri], capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "OMN_WRITER": writer})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RUNS 4 ['FINISHED']" in done.stdout
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_no_spare_run_outlives_a_session_that_closes_right_after_its_last_trial(
+        tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The writer process pushes a new spare run as soon as a trial takes one; when the
+    # search ends at once, that push races with the session's close. The parent listed
+    # the spare runs it held before the new one arrived: it was never deleted and
+    # stayed RUNNING as a child run without a trial.
+    monkeypatch.setenv("OMN_WRITER", "process")
+    study = omn.create_study("short", tracking_uri=tracking_uri, sampler="random", seed=0)
+    for _ in range(10):
+        study.optimize(_quadratic, n_trials=1)
+    runs = study.child_runs()
+    assert runs["tags.optuna.trial_number"].notna().all(), runs[["run_id", "tags.mlflow.runName"]]
+    assert sorted(int(n) for n in runs["tags.optuna.trial_number"]) == list(range(10))
+    client = MlflowClient(tracking_uri)
+    everything = client.search_runs([study.experiment_id], run_view_type=3)
+    assert "RUNNING" not in {r.info.status for r in everything}
+
+
+FIGURES_SCRIPT = textwrap.dedent("""
+    import sys, optuna
+    from mlflow.tracking import MlflowClient
+    import optuna_mlflow_nested as omn
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = omn.create_study("figs", tracking_uri=sys.argv[1], sampler="random", seed=0)
+    study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2 + t.suggest_float("y", 0, 1),
+                   n_trials=8)
+    names = sorted(a.path for a in MlflowClient(sys.argv[1]).list_artifacts(study.parent_run_id))
+    print("ARTIFACTS", names)
+    print("MATPLOTLIB", "matplotlib" in sys.modules)
+""")
+
+
+@pytest.mark.slow
+def test_the_writer_process_draws_the_parents_figures(tmp_path: Path, tracking_uri: str) -> None:
+    # Matplotlib never loads in the objective's process: its import and the drawing
+    # (the slowest part of the parent's summary) happen in the writer process, and the
+    # figures are on the parent when optimize returns.
+    script = tmp_path / "figs.py"
+    script.write_text(FIGURES_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "OMN_WRITER"}
+    done = subprocess.run([sys.executable, str(script), tracking_uri], capture_output=True,
+                          text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MATPLOTLIB False" in done.stdout, done.stdout
+    assert "'optimization_history.png'" in done.stdout and "'param_importances.png'" in done.stdout
+    assert "could not draw" not in done.stderr

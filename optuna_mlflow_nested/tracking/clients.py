@@ -57,8 +57,34 @@ def get_client(tracking_uri: str) -> MlflowClient:
         with lock:
             client = MlflowClient(tracking_uri)
             _compat.open_store(client)
+            if db_path is not None:
+                use_wal(db_path)
         _clients[tracking_uri] = client
         return client
+
+
+def use_wal(db_path: Path) -> bool:
+    """Put a SQLite tracking file in write-ahead-log mode (kept by the file); True if it is.
+
+    MLflow opens SQLite in its default rollback-journal mode, where every commit of
+    the several a run write makes syncs the file and its journal, and readers block
+    writers. In WAL mode a commit appends to ``<file>-wal``: writes cost about half
+    (benchmarks/RESULTS.md) and workers' reads no longer wait for a writer. The file
+    stays an ordinary SQLite database that MLflow, its UI and ``sqlite3`` open as
+    before. ``OMN_SQLITE_WAL=0`` leaves the file as it is (WAL needs a local disk, not
+    a network file system). A file busy in another process keeps its mode for now.
+    """
+    if os.environ.get("OMN_SQLITE_WAL", "1") == "0":
+        return False
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(db_path, timeout=5)) as connection:
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    except sqlite3.Error as exc:
+        _logger.debug("%s stays in its journal mode: %s", db_path, exc)
+        return False
+    return str(mode).lower() == "wal"
 
 
 def absolute_uri(tracking_uri: str) -> str:

@@ -21,9 +21,14 @@ _figure_imports: threading.Thread | None = None
 
 
 def warm_up_figures() -> None:
-    """Import matplotlib in the background while trials run (about 0.5 s saved at the end)."""
+    """Import matplotlib in the background while trials run (about 0.5 s saved at the end).
+
+    Not where the writer process draws the figures (the default): it warms up there.
+    """
+    from optuna_mlflow_nested.tracking.tracker import uses_writer_process
+
     global _figure_imports
-    if _figure_imports is None:
+    if _figure_imports is None and not (uses_writer_process() and _in_user_process()):
         def _import() -> None:
             with contextlib.suppress(Exception):
                 from matplotlib.figure import Figure
@@ -38,6 +43,15 @@ def warm_up_figures() -> None:
 
         _figure_imports = threading.Thread(target=_import, name="omn-warm-up", daemon=True)
         _figure_imports.start()
+
+
+def _in_user_process() -> bool:
+    """False in the writer process itself (it sets this module's flag)."""
+    return not IN_WRITER_PROCESS
+
+
+#: Set in the writer process: figures are drawn in this process.
+IN_WRITER_PROCESS = False
 
 
 def log_figures(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
@@ -63,3 +77,55 @@ def log_figures(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
                 plt.close(figure)
             except Exception as exc:
                 _logger.warning("could not draw %s: %s", name, redact_secrets(exc))
+
+
+def trials_snapshot(study: optuna.Study) -> dict[str, Any]:
+    """What :func:`log_figures` draws from, as plain picklable data (for the writer process)."""
+    return {"study_name": study.study_name, "directions": list(study.directions),
+            "trials": study.get_trials(deepcopy=False)}
+
+
+def study_from_snapshot(snapshot: dict[str, Any]) -> optuna.Study:
+    """An in-memory study with the snapshot's trials under their own numbers.
+
+    Trials not finished yet (another worker's) become failed placeholders: the figures
+    show complete trials only, and the numbers after them stay the same.
+    """
+    study = optuna.create_study(study_name=snapshot["study_name"],
+                                directions=snapshot["directions"])
+    for trial in sorted(snapshot["trials"], key=lambda t: t.number):
+        if not trial.state.is_finished():
+            trial = optuna.trial.create_trial(state=TrialState.FAIL)
+        study.add_trial(trial)
+    return study
+
+
+def start_elsewhere(client: MlflowClient, tracking_uri: str, run_id: str,
+                    study: optuna.Study) -> Callable[[], None] | None:
+    """Start drawing the figures in the writer process, if it is in use.
+
+    Returns a call that waits for them (and draws them here if the writer process could
+    not), or ``None``: the summary draws them here. Matplotlib then never loads in the
+    objective's process, and the drawing (the slowest part of the parent's summary)
+    overlaps the summary's other writes.
+    """
+    from optuna_mlflow_nested.tracking.parent import figures_wanted
+    from optuna_mlflow_nested.tracking.tracker import uses_writer_process
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    if not uses_writer_process() or not figures_wanted(len(study.get_trials(deepcopy=False)), False):
+        return None
+    try:
+        process = WriterProcess.get()
+        if not process.wait_ready():
+            return None
+        token = process.submit("figures", tracking_uri, run_id, trials_snapshot(study))
+    except Exception as exc:
+        _logger.debug("figures stay in this process: %s", redact_secrets(exc))
+        return None
+
+    def wait() -> None:
+        if process.reply(token, 300.0) is not True:
+            log_figures(client, run_id, study)  # the writer process could not: draw here
+
+    return wait

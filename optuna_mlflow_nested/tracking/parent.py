@@ -150,6 +150,11 @@ def refresh_description(client: MlflowClient, run_id: str, study: optuna.Study,
 FIGURE_LIMIT = 1000
 
 
+def figures_wanted(n_trials: int, compact: bool) -> bool:
+    """Whether the summary of a search with ``n_trials`` trials draws the figures."""
+    return n_trials > 0 and (not compact or n_trials <= FIGURE_LIMIT)
+
+
 def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
                        run_ids: dict[int, str], figures: bool = True,
                        compact: bool = False) -> None:
@@ -193,7 +198,7 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
         if table[column].dtype.kind in "mMO":  # dates, durations, objects: as text
             table[column] = table[column].astype(str)
     client.log_table(run_id, data=table, artifact_file="trials_table.json")
-    if figures and (not compact or len(trials) <= FIGURE_LIMIT):
+    if figures and figures_wanted(len(trials), compact):
         from optuna_mlflow_nested.tracking.figures import log_figures
 
         log_figures(client, run_id, study)

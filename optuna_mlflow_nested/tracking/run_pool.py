@@ -11,6 +11,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested.tracking.clients import discard_runs
 from optuna_mlflow_nested.tracking.records import ROLE_TAG
@@ -33,6 +34,7 @@ class RunPool:
         self._tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, STUDY_TAG: study_name, ROLE_TAG: "trial",
                       **(tags or {})}
         self._spare = spare
+        _compat.quiet_retried_store_errors()  # a failed creation is tried again
         self._ready: collections.deque[Run] = collections.deque()
         self._waiting: collections.deque[object] = collections.deque()
         self._creating = 0
@@ -83,6 +85,8 @@ class RunPool:
             self._waiting.append(ticket)
             try:
                 while not (self._ready and self._waiting[0] is ticket):
+                    if self._stop.is_set():
+                        return None  # closed: no run will come
                     if not self.healthy:
                         deadline = min(deadline, time.monotonic() + 0.5)
                     left = deadline - time.monotonic()

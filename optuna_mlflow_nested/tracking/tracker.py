@@ -47,6 +47,20 @@ _live_trackers: weakref.WeakSet[TrialTracker] = weakref.WeakSet()
 _current = threading.local()
 
 
+def uses_writer_process() -> bool:
+    """Whether ``optimize`` writes through the writer process (``OMN_WRITER``, default
+    ``process``) rather than writer threads in this process (``OMN_WRITER=threads``)."""
+    return os.environ.get("OMN_WRITER", "process") != "threads"
+
+
+def prepare_writer(tracking_uri: str) -> None:
+    """Start the writer process ahead, if it is in use (its imports take seconds)."""
+    if uses_writer_process():
+        from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+        WriterProcess.prestart(tracking_uri)
+
+
 def current_trial() -> optuna.Trial | None:
     """The trial whose objective runs in this thread (inside a tracked study), if any."""
     return getattr(_current, "trial", None)
@@ -104,15 +118,17 @@ class TrialTracker:
         self._writer: Writer | None = None
         self._inline = Writer(self._client, 0, self._spool, self._retry)
         self._http_retries = contextlib.ExitStack()
+        self._lag_warned = False
 
     # lifecycle -------------------------------------------------------------------
     def start(self, n_jobs: int = 1) -> None:
         """Background run creation and writing, for ``optimize``."""
         if self._writer is not None:
             return
+        self._lag_warned = False
         workers = n_jobs if n_jobs > 0 else (os.cpu_count() or 1)
         self._http_retries.enter_context(short_http_retries(self.tracking_uri))
-        if os.environ.get("OMN_WRITER", "threads") == "process":
+        if uses_writer_process():
             from optuna_mlflow_nested.tracking.writer_process import ProcessSession
 
             session = ProcessSession(
@@ -145,6 +161,14 @@ class TrialTracker:
     @property
     def spool_path(self) -> Path:
         return self._spool.path
+
+    def warn_if_unsaved(self, stacklevel: int) -> None:
+        """One warning for records neither delivered nor spooled, saying how to rebuild them."""
+        if self.unsaved:
+            warnings.warn(f"{len(self.unsaved)} trial run(s) could be neither delivered nor "
+                          "spooled; `optuna-mlflow-nested sync --study-name ... --storage ...` "
+                          "rebuilds them from Optuna's storage", RuntimeWarning,
+                          stacklevel=stacklevel)
 
     @property
     def unsaved(self) -> list[Any]:
@@ -272,8 +296,18 @@ class TrialTracker:
         writer = self._writer
         if writer is not None:
             writer.put(record)
+            self._warn_if_behind(writer)
         else:
             self._inline.write(record)
+
+    def _warn_if_behind(self, writer: Writer) -> None:
+        """Say once per optimize when trials end faster than the store takes their runs."""
+        if self._lag_warned:
+            return
+        lag = writer.lag()
+        if lag is not None:
+            self._lag_warned = True
+            warnings.warn(lag.message(self.tracking_uri), RuntimeWarning, stacklevel=2)
 
     def record(self, study: optuna.Study, trial: FrozenTrial, *, run_id: str | None,
                lookup: bool = True) -> str | None:

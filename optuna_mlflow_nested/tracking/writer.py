@@ -10,6 +10,7 @@ an exception: a record that can be neither delivered nor spooled is kept in memo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -17,7 +18,9 @@ import time
 
 from mlflow.tracking import MlflowClient
 
+from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested._utils import redact_secrets
+from optuna_mlflow_nested._utils import redact_uri
 from optuna_mlflow_nested.tracking.delivery import RetryPolicy
 from optuna_mlflow_nested.tracking.delivery import deliver
 from optuna_mlflow_nested.tracking.delivery import is_retryable
@@ -25,6 +28,28 @@ from optuna_mlflow_nested.tracking.records import RunRecord
 from optuna_mlflow_nested.tracking.spool import Spool
 
 _logger = logging.getLogger(__name__)
+
+
+#: Records waiting for the writer beyond which it has fallen behind the trials.
+LAG_BACKLOG = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Lag:
+    """The writer has fallen behind: trials end faster than the store takes their runs."""
+
+    backlog: int  #: records queued, not yet written
+    trials_per_s: float  #: records handed to the writer per second, since it started
+    store_runs_per_s: float  #: runs the store took per second of writing (all threads)
+
+    def message(self, tracking_uri: str) -> str:
+        return (
+            f"trials end faster than the tracking store {redact_uri(tracking_uri)} takes their "
+            f"runs: {self.backlog} runs wait to be written, trials end at "
+            f"{self.trials_per_s:.1f}/s and the store writes about {self.store_runs_per_s:.1f} "
+            "runs/s. Nothing is lost (optimize waits for the writes before it returns), but "
+            "above that rate use an `mlflow server` as tracking, or trial_runs=K (only the "
+            "best K trials become runs)")
 
 
 class Writer:
@@ -42,8 +67,14 @@ class Writer:
         self._offline_since: float | None = None
         self._last_probe = 0.0
         self._stop = threading.Event()
+        _compat.quiet_retried_store_errors()  # failed attempts are retried: no tracebacks
         #: Records that could be neither delivered nor spooled (the spool is unwritable).
         self.unsaved: list[RunRecord] = []
+        self._started = time.monotonic()
+        self._received = 0
+        self._written = 0
+        self._busy = 0.0  # seconds spent writing, summed over threads
+        self._n_threads = max(threads, 1)
         self._threads = [
             threading.Thread(target=self._work, name=f"omn-writer-{i}", daemon=True)
             for i in range(threads)
@@ -53,7 +84,20 @@ class Writer:
 
     def put(self, record: RunRecord) -> None:
         """Queue ``record`` for the writer threads (blocks while the queue is full)."""
+        with self._lock:
+            self._received += 1
         self._queue.put(record)
+
+    def lag(self) -> Lag | None:
+        """A :class:`Lag` when ``LAG_BACKLOG`` or more records wait, else ``None``."""
+        backlog = self._queue.qsize()
+        if backlog < LAG_BACKLOG:
+            return None
+        with self._lock:
+            elapsed = max(time.monotonic() - self._started, 1e-9)
+            per_run = self._busy / self._written if self._written else float("inf")
+            return Lag(backlog=backlog, trials_per_s=self._received / elapsed,
+                       store_runs_per_s=self._n_threads / per_run)
 
     def write(self, record: RunRecord, lookup: bool = True) -> None:
         """Deliver ``record`` now, in the calling thread (retried, else spooled)."""
@@ -106,6 +150,7 @@ class Writer:
         key = id(record)
         with self._lock:
             self._in_flight[key] = record
+        start = time.monotonic()
         try:
             if self._offline_since is None:
                 self._retry.call(lambda: deliver(self._client, record, lookup=lookup), self._stop)
@@ -113,6 +158,8 @@ class Writer:
                 deliver(self._client, record, lookup=lookup)
             with self._lock:
                 self._offline_since = None
+                self._written += 1
+                self._busy += time.monotonic() - start
         except Exception as exc:
             if is_retryable(exc):
                 with self._lock:

@@ -34,6 +34,7 @@ import uuid
 from mlflow.entities import Run
 
 from optuna_mlflow_nested.tracking.records import RunRecord
+from optuna_mlflow_nested.tracking.writer import Lag
 
 _START_TIMEOUT = float(os.environ.get("OMN_WRITER_START_TIMEOUT", "60"))
 
@@ -43,6 +44,14 @@ class WriterProcess:
 
     _instance: WriterProcess | None = None
     _instance_lock = threading.Lock()
+
+    @classmethod
+    def prestart(cls, tracking_uri: str) -> None:
+        """Start the writer process now, without waiting for it: its imports, opening
+        ``tracking_uri``'s store and loading matplotlib take seconds, which a study's
+        first ``optimize`` then does not wait for."""
+        with contextlib.suppress(Exception):
+            cls.get().send("prepare", "", tracking_uri)
 
     @classmethod
     def get(cls) -> WriterProcess:
@@ -69,6 +78,9 @@ class WriterProcess:
         self._cond = threading.Condition()
         self._runs: dict[str, collections.deque[Run]] = {}
         self._replies: dict[str, Any] = {}
+        self._lags: dict[str, Lag] = {}  # session -> the writer fell behind (reported once)
+        self._closed: set[str] = set()
+        self._used = False
         self._ready = False
         self._reader = threading.Thread(target=self._read, name="omn-writer-reader", daemon=True)
         self._reader.start()
@@ -79,6 +91,8 @@ class WriterProcess:
 
     def send(self, *message: Any) -> None:
         with self._send_lock:
+            if message[0] != "prepare":
+                self._used = True  # from now on it may hold writes to deliver at exit
             self._send_conn.send(message)
 
     def _read(self) -> None:
@@ -93,7 +107,10 @@ class WriterProcess:
                 if kind == "ready":
                     self._ready = True
                 elif kind == "run":
-                    self._runs.setdefault(key, collections.deque()).append(payload)
+                    if key not in self._closed:  # one pushed as the session closed: the
+                        self._runs.setdefault(key, collections.deque()).append(payload)  # child deletes it
+                elif kind == "lag":
+                    self._lags[key] = payload
                 else:  # a reply to a request
                     self._replies[key] = payload
                 self._cond.notify_all()
@@ -112,14 +129,27 @@ class WriterProcess:
 
     def request(self, kind: str, *args: Any, timeout: float) -> Any:
         """Send a request and wait for its reply (``None`` if none came in time)."""
+        return self.reply(self.submit(kind, *args), timeout)
+
+    def submit(self, kind: str, *args: Any) -> str:
+        """Send a request; :meth:`reply` with the token returned waits for its answer."""
         token = uuid.uuid4().hex
         self.send(kind, token, *args)
+        return token
+
+    def reply(self, token: str, timeout: float) -> Any:
+        """The reply to request ``token`` (``None`` if none came in time or the child died)."""
         with self._cond:
             self._cond.wait_for(lambda: token in self._replies or not self.alive(), timeout)
             return self._replies.pop(token, None)
 
+    def lag(self, session: str) -> Lag | None:
+        return self._lags.get(session)
+
     def unused_runs(self, session: str) -> list[str]:
         with self._cond:
+            self._closed.add(session)
+            self._lags.pop(session, None)
             runs = self._runs.pop(session, collections.deque())
         return [run.info.run_id for run in runs]
 
@@ -127,6 +157,9 @@ class WriterProcess:
         """Close the pipe: the child delivers what it has, then exits."""
         with contextlib.suppress(OSError):
             self._send_conn.close()
+        if not self._used:  # only started ahead (a study, no optimize): nothing to deliver
+            with contextlib.suppress(OSError):
+                self._proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=float(os.environ.get("OMN_RETRY_DEADLINE", "60")) + 30)
 
@@ -156,12 +189,16 @@ class ProcessSession:
     def put(self, record: RunRecord) -> None:
         self._process.send("record", self._id, record)
 
+    def lag(self) -> Lag | None:
+        """The writer process's report that this session's writes fell behind, if any."""
+        return self._process.lag(self._id)
+
     def take(self, timeout: float) -> Run | None:
         with contextlib.suppress(IndexError):
             return self._given_back.popleft()
         run = self._process.take_run(self._id, timeout)
-        if run is not None:
-            self._process.send("want", self._id, 1)
+        if run is not None:  # the child pushes another spare and knows this one is taken
+            self._process.send("took", self._id, run.info.run_id)
         return run
 
     def put_back(self, run: Run) -> None:
@@ -188,6 +225,9 @@ class ProcessSession:
 
 
 def _serve(receive: Connection, reply: Connection) -> None:
+    import logging
+
+    from optuna_mlflow_nested._utils import redact_secrets
     from optuna_mlflow_nested.tracking.clients import get_client
     from optuna_mlflow_nested.tracking.delivery import RetryPolicy
     from optuna_mlflow_nested.tracking.run_pool import RunPool
@@ -211,23 +251,35 @@ def _serve(receive: Connection, reply: Connection) -> None:
             self.client = client
             self.credit = threading.Semaphore(options["spare"])
             self.closed = threading.Event()
+            # Runs pushed to the parent, and those it took: at close, every pushed run it
+            # did not take is deleted, also one pushed while its close was on the way.
+            self.push_lock = threading.Lock()
+            self.pushed: set[str] = set()
+            self.taken: set[str] = set()
+            self.stranded: list[str] = []  # taken from the pool after close began
             self.sid = sid
+            self.lag_reported = False
             self.deadline = float(options["retry_deadline"]) + 30
-            threading.Thread(target=self.push_runs, daemon=True).start()
+            threading.Thread(target=self.push_runs, name=f"omn-session-{sid[:8]}",
+                             daemon=True).start()
 
         def push_runs(self) -> None:
-            while not self.closed.is_set():
+            while True:
                 if not self.credit.acquire(timeout=0.5):
+                    if self.closed.is_set():
+                        return
                     continue
-                run = None
-                while run is None and not self.closed.is_set():
-                    run = self.pool.take(1.0)
-                if run is None:
-                    return
-                if self.closed.is_set():
-                    self.pool_delete([run.info.run_id])
-                    return
-                send("run", self.sid, run)
+                with self.push_lock:
+                    run = None
+                    while run is None and not self.closed.is_set():
+                        run = self.pool.take(1.0)  # returns at once when the pool closes
+                    if run is None:
+                        return
+                    if self.closed.is_set():
+                        self.stranded.append(run.info.run_id)
+                        return
+                    self.pushed.add(run.info.run_id)
+                    send("run", self.sid, run)
 
         def pool_delete(self, run_ids: list[str]) -> None:
             from optuna_mlflow_nested.tracking.clients import discard_runs
@@ -237,11 +289,28 @@ def _serve(receive: Connection, reply: Connection) -> None:
         def close(self, unused: list[str], timeout: float) -> tuple[bool, list[RunRecord]]:
             self.closed.set()
             self.pool.close()
-            self.pool_delete(unused)
+            with self.push_lock:  # no push is under way past this point
+                leftovers = (self.pushed - self.taken) | set(unused) | set(self.stranded)
+            self.pool_delete(sorted(leftovers))
             drained = self.writer.close(timeout=timeout)
             return drained, list(self.writer.unsaved)
 
+    def draw_figures(token: str, tracking_uri: str, run_id: str, snapshot: dict[str, Any]) -> None:
+        from optuna_mlflow_nested.tracking.figures import log_figures
+        from optuna_mlflow_nested.tracking.figures import study_from_snapshot
+
+        done = False
+        try:
+            log_figures(get_client(tracking_uri), run_id, study_from_snapshot(snapshot))
+            done = True
+        except Exception as exc:  # the parent draws them itself then
+            logging.getLogger(__name__).warning("could not draw the figures here: %s",
+                                                redact_secrets(exc))
+        finally:
+            send("reply", token, done)
+
     sessions: dict[str, Session] = {}
+    jobs: list[threading.Thread] = []
     send("ready", "", None)
     while True:
         try:
@@ -253,11 +322,31 @@ def _serve(receive: Connection, reply: Connection) -> None:
             session = sessions.get(key)
             if session is not None:
                 session.writer.put(message[2])
+                if not session.lag_reported:
+                    lag = session.writer.lag()
+                    if lag is not None:
+                        session.lag_reported = True
+                        send("lag", key, lag)
         elif kind == "open":
             sessions[key] = Session(key, message[2])
-        elif kind == "want":
+        elif kind == "prepare":  # a study was made: its optimize is likely to come
+            with contextlib.suppress(Exception):  # the session says what is wrong, if it must
+                get_client(message[2])
+            # The parent's figures are drawn here: pay matplotlib's imports and first
+            # drawing now, not at the end of the first search.
+            from optuna_mlflow_nested.tracking import figures
+
+            figures.IN_WRITER_PROCESS = True
+            figures.warm_up_figures()
+        elif kind == "figures":
+            job = threading.Thread(target=draw_figures, args=(key, *message[2:5]),
+                                   name="omn-session-figures", daemon=True)
+            job.start()
+            jobs[:] = [j for j in jobs if j.is_alive()] + [job]
+        elif kind == "took":
             if key in sessions:
-                sessions[key].credit.release(message[2])
+                sessions[key].taken.add(message[2])
+                sessions[key].credit.release()
         elif kind == "flush":
             token, sid = key, message[2]
             drained = sessions[sid].writer.flush() if sid in sessions else True
@@ -269,9 +358,17 @@ def _serve(receive: Connection, reply: Connection) -> None:
             send("reply", token, outcome)
     for session in sessions.values():
         session.close([], 120.0)
+    for job in jobs:  # figures a parent that has gone asked for still land
+        job.join(timeout=120)
 
 
 def main(argv: list[str]) -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the figures' in-memory studies
+    # Every store call of this process is retried, or is best-effort cleanup that may
+    # fail (see _compat.quiet_retried_store_errors).
+    threading.current_thread().name = "omn-session-main"
     receive = Connection(int(argv[0]), writable=False)
     reply = Connection(int(argv[1]), readable=False)
     _serve(receive, reply)
