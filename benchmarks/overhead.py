@@ -17,6 +17,7 @@ growth of resident memory over the 5,000 trials (bare Optuna's own growth shown 
     python benchmarks/overhead.py --quick    # smoke run: 30 trials, 500 for scaling
     python benchmarks/overhead.py --breakdown  # the once-per-optimize steps, cold and warm
     python benchmarks/overhead.py --objectives sleep,numpy,python --writer both --floor 200
+    python benchmarks/overhead.py --objectives "" --no-scaling --handoff 200   # the trial's path
 """
 
 from __future__ import annotations
@@ -210,6 +211,28 @@ class Server:
                 pass
 
 
+def trial_path_ms(uri: str | None, n: int) -> float:
+    """Mean ms between one objective call's end and the next one's start (Optuna's tell
+    and ask plus, with ``uri``, this project's per-trial work: the hand-off of the
+    record and the next spare run), with the 50 ms sleeping objective, warm."""
+    ends: list[float] = []
+    gaps: list[float] = []
+
+    def timed(trial: optuna.Trial) -> float:
+        if ends:
+            gaps.append(time.perf_counter() - ends[-1])
+        try:
+            return sleepy(trial)
+        finally:
+            ends.append(time.perf_counter())
+
+    if uri is None:
+        bare(timed, n)
+    else:
+        ours(timed, n, uri)
+    return statistics.mean(gaps) * 1000
+
+
 class Row(NamedTuple):
     store: str
     ours_ms: float
@@ -293,6 +316,8 @@ def main() -> None:
     parser.add_argument("--writer", default="threads",
                         help="this project's writer: threads, process, or both")
     parser.add_argument("--no-scaling", action="store_true", help="skip the instant-objective run")
+    parser.add_argument("--handoff", type=int, default=0, metavar="N",
+                        help="also the per-trial time on the trial's path, N trials per store")
     parser.add_argument("--floor", type=int, default=0, metavar="N",
                         help="also N instant trials per store against the store's own per-run cost")
     parser.add_argument("--breakdown", action="store_true",
@@ -336,6 +361,18 @@ def main() -> None:
               f"{row.cold_ours_ms / row.cold_legacy_ms:.3f} |")
         print(f"| {row.store} | warm (median) | {row.ours_ms:.2f} | {row.legacy_ms:.2f} | "
               f"{row.ours_ms / row.legacy_ms:.3f} |")
+    if args.handoff:
+        print("\n| tracking store | between trials, bare Optuna (ms) | between trials, ours (ms) "
+              "| on the trial's path (ms/trial) |")
+        print("| --- | --- | --- | --- |")
+        server = Server(root / "server-handoff")
+        try:
+            for store, uri in (("SQLite", f"sqlite:///{root}/handoff.db"), ("mlflow server", server.uri)):
+                ours(sleepy, 5, uri)  # warm
+                base, path = trial_path_ms(None, args.handoff), trial_path_ms(uri, args.handoff)
+                print(f"| {store} | {base:.3f} | {path:.3f} | {path - base:.3f} |", flush=True)
+        finally:
+            server.stop()
     if args.floor:
         print("\n| tracking store | instant objective, ours (ms/trial over bare Optuna) "
               "| the store's own create + log_batch + terminate (ms/run) | ratio |")

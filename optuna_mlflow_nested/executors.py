@@ -167,6 +167,16 @@ def run_worker(spec: WorkerSpec, task: int = 0) -> int:
     Returns:
         How many trials this task ran.
     """
+    from optuna_mlflow_nested.tracking.tracker import in_executor_worker
+
+    token = in_executor_worker.set(True)  # writer threads here (see uses_writer_process)
+    try:
+        return _run_worker(spec)
+    finally:
+        in_executor_worker.reset(token)
+
+
+def _run_worker(spec: WorkerSpec) -> int:
     from optuna_mlflow_nested.factories import load_study
 
     storage = spec.storage

@@ -78,6 +78,7 @@ def _journal_worker(args: tuple[str, str, int]) -> str:
     return study.parent_run_id
 
 
+@pytest.mark.slow  # 14-16 s: processes started in turn
 def test_processes_share_a_journal_file_study(tmp_path: Path, tracking_uri: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(3) as pool:

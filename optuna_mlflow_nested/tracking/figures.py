@@ -23,12 +23,18 @@ _figure_imports: threading.Thread | None = None
 def warm_up_figures() -> None:
     """Import matplotlib in the background while trials run (about 0.5 s saved at the end).
 
-    Not where the writer process draws the figures (the default): it warms up there.
+    Where the writer process draws the figures (the default), it warms up there instead.
     """
     from optuna_mlflow_nested.tracking.tracker import uses_writer_process
 
     global _figure_imports
-    if _figure_imports is None and not (uses_writer_process() and _in_user_process()):
+    if uses_writer_process() and _in_user_process():
+        from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+        with contextlib.suppress(Exception):  # no writer process: the figures are drawn here
+            WriterProcess.get().send("warm", "", None)
+        return
+    if _figure_imports is None:
         def _import() -> None:
             with contextlib.suppress(Exception):
                 from matplotlib.figure import Figure

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
 import contextlib
+import contextvars
 import math
 import os
 from pathlib import Path
@@ -47,10 +48,23 @@ _live_trackers: weakref.WeakSet[TrialTracker] = weakref.WeakSet()
 _current = threading.local()
 
 
+#: True while this thread runs an executor worker's task (see executors.run_worker).
+in_executor_worker: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "omn_in_executor_worker", default=False)
+
+
 def uses_writer_process() -> bool:
-    """Whether ``optimize`` writes through the writer process (``OMN_WRITER``, default
-    ``process``) rather than writer threads in this process (``OMN_WRITER=threads``)."""
-    return os.environ.get("OMN_WRITER", "process") != "threads"
+    """Whether ``optimize`` writes through the writer process rather than writer threads.
+
+    ``OMN_WRITER=process`` or ``threads`` decides; by default (``auto``) the calling
+    process uses the writer process, and executor workers use threads: they run one per
+    core, so a writer process each would add a process per busy core and its start-up
+    (``benchmarks/RESULTS.md``: 2 workers on 2 cores, 1.50x against 1.83x with threads).
+    """
+    mode = os.environ.get("OMN_WRITER", "auto")
+    if mode in ("process", "threads"):
+        return mode == "process"
+    return not in_executor_worker.get()
 
 
 def prepare_writer(tracking_uri: str) -> None:

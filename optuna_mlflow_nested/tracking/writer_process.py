@@ -332,9 +332,8 @@ def _serve(receive: Connection, reply: Connection) -> None:
         elif kind == "prepare":  # a study was made: its optimize is likely to come
             with contextlib.suppress(Exception):  # the session says what is wrong, if it must
                 get_client(message[2])
-            # The parent's figures are drawn here: pay matplotlib's imports and first
-            # drawing now, not at the end of the first search.
-            from optuna_mlflow_nested.tracking import figures
+        elif kind == "warm":  # a search began whose summary draws figures here: pay
+            from optuna_mlflow_nested.tracking import figures  # matplotlib's imports now
 
             figures.IN_WRITER_PROCESS = True
             figures.warm_up_figures()
