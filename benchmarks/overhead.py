@@ -306,6 +306,18 @@ def breakdown(uri: str, n: int) -> None:
         print(f"| {label} | {overhead:.2f} | " + " | ".join(cells) + " |")
 
 
+def per_store(folder: Path, columns: list[str], row) -> None:
+    """A table with a row per tracking store (SQLite, a local server): ``row(uri)``'s cells."""
+    print("\n| tracking store | " + " | ".join(columns) + " |")
+    print("| --- " * (len(columns) + 1) + "|")
+    server = Server(folder / "server")
+    try:
+        for store, uri in (("SQLite", f"sqlite:///{folder}/store.db"), ("mlflow server", server.uri)):
+            print(f"| {store} | " + " | ".join(f"{c:.3f}" for c in row(uri)) + " |", flush=True)
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -362,30 +374,23 @@ def main() -> None:
         print(f"| {row.store} | warm (median) | {row.ours_ms:.2f} | {row.legacy_ms:.2f} | "
               f"{row.ours_ms / row.legacy_ms:.3f} |")
     if args.handoff:
-        print("\n| tracking store | between trials, bare Optuna (ms) | between trials, ours (ms) "
-              "| on the trial's path (ms/trial) |")
-        print("| --- | --- | --- | --- |")
-        server = Server(root / "server-handoff")
-        try:
-            for store, uri in (("SQLite", f"sqlite:///{root}/handoff.db"), ("mlflow server", server.uri)):
-                ours(sleepy, 5, uri)  # warm
-                base, path = trial_path_ms(None, args.handoff), trial_path_ms(uri, args.handoff)
-                print(f"| {store} | {base:.3f} | {path:.3f} | {path - base:.3f} |", flush=True)
-        finally:
-            server.stop()
+        def handoff_row(uri: str) -> list[float]:
+            ours(sleepy, 5, uri)  # warm
+            base, path = trial_path_ms(None, args.handoff), trial_path_ms(uri, args.handoff)
+            return [base, path, path - base]
+
+        per_store(root / "handoff", ["between trials, bare Optuna (ms)", "between trials, ours (ms)",
+                                     "on the trial's path (ms/trial)"], handoff_row)
     if args.floor:
-        print("\n| tracking store | instant objective, ours (ms/trial over bare Optuna) "
-              "| the store's own create + log_batch + terminate (ms/run) | ratio |")
-        print("| --- | --- | --- | --- |")
-        server = Server(root / "server-floor")
-        try:
-            for store, uri in (("SQLite", f"sqlite:///{root}/floor.db"), ("mlflow server", server.uri)):
-                floor = store_floor(uri, args.floor)
-                ours(instant, 5, uri)  # warm
-                per_trial = (ours(instant, args.floor, uri) - bare(instant, args.floor)) / args.floor * 1000
-                print(f"| {store} | {per_trial:.2f} | {floor:.2f} | {per_trial / floor:.2f} |", flush=True)
-        finally:
-            server.stop()
+        def floor_row(uri: str) -> list[float]:
+            floor = store_floor(uri, args.floor)
+            ours(instant, 5, uri)  # warm
+            per_trial = (ours(instant, args.floor, uri) - bare(instant, args.floor)) / args.floor * 1000
+            return [per_trial, floor, per_trial / floor]
+
+        per_store(root / "floor", ["instant objective, ours (ms/trial over bare Optuna)",
+                                   "the store's own create + log_batch + terminate (ms/run)",
+                                   "ratio"], floor_row)
     if args.no_scaling:
         return
 

@@ -1,5 +1,6 @@
-"""The writer process (OMN_WRITER=process): trial writes outside the objective's
-interpreter, and what is promised when the objective's process is killed (issue 16)."""
+"""The writer process (the default outside executor workers; OMN_WRITER=process forces
+it): trial writes outside the objective's interpreter, the rate warning, and what is
+promised when the objective's process is killed (issue 16)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,16 @@ def _quadratic(trial: optuna.Trial) -> float:
     return trial.suggest_float("x", -1, 1) ** 2
 
 
+def _assert_one_run_per_trial_and_none_running(study: omn.NestedStudy, tracking_uri: str,
+                                               n_trials: int) -> None:
+    runs = study.child_runs()
+    assert runs["tags.optuna.trial_number"].notna().all(), runs[["run_id", "tags.mlflow.runName"]]
+    assert sorted(int(n) for n in runs["tags.optuna.trial_number"]) == list(range(n_trials))
+    client = MlflowClient(tracking_uri)
+    everything = client.search_runs([study.experiment_id], run_view_type=3)
+    assert "RUNNING" not in {r.info.status for r in everything}
+
+
 def test_process_writer_takes_back_the_run_of_a_workers_last_ask(
         tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # An executor worker's last ask finds the budget spent after it took a run: the run
@@ -60,11 +71,7 @@ def test_process_writer_takes_back_the_run_of_a_workers_last_ask(
     with ThreadPoolExecutor(2) as pool:
         study.optimize(_quadratic, n_trials=4, executor=pool)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
-    runs = study.child_runs()
-    assert sorted(int(n) for n in runs["tags.optuna.trial_number"]) == list(range(4))
-    client = MlflowClient(tracking_uri)
-    everything = client.search_runs([study.experiment_id], run_view_type=3)
-    assert "RUNNING" not in {r.info.status for r in everything}
+    _assert_one_run_per_trial_and_none_running(study, tracking_uri, 4)
 
 
 SCRIPT = textwrap.dedent("""
@@ -92,7 +99,7 @@ def test_sigkill_after_tell_loses_no_told_trial(tmp_path: Path, tracking_uri: st
     script.write_text(SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), tracking_uri, storage],
                             stdout=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMN_WRITER": "process"})
+                            env={k: v for k, v in os.environ.items() if k != "OMN_WRITER"})
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "SIXTH"
@@ -195,12 +202,7 @@ def test_no_spare_run_outlives_a_session_that_closes_right_after_its_last_trial(
     study = omn.create_study("short", tracking_uri=tracking_uri, sampler="random", seed=0)
     for _ in range(10):
         study.optimize(_quadratic, n_trials=1)
-    runs = study.child_runs()
-    assert runs["tags.optuna.trial_number"].notna().all(), runs[["run_id", "tags.mlflow.runName"]]
-    assert sorted(int(n) for n in runs["tags.optuna.trial_number"]) == list(range(10))
-    client = MlflowClient(tracking_uri)
-    everything = client.search_runs([study.experiment_id], run_view_type=3)
-    assert "RUNNING" not in {r.info.status for r in everything}
+    _assert_one_run_per_trial_and_none_running(study, tracking_uri, 10)
 
 
 FIGURES_SCRIPT = textwrap.dedent("""
@@ -232,3 +234,39 @@ def test_the_writer_process_draws_the_parents_figures(tmp_path: Path, tracking_u
     assert "MATPLOTLIB False" in done.stdout, done.stdout
     assert "'optimization_history.png'" in done.stdout and "'param_importances.png'" in done.stdout
     assert "could not draw" not in done.stderr
+
+
+_WRITERS_SEEN: list[bool] = []
+
+
+def _note_writer(trial: optuna.Trial) -> float:
+    from optuna_mlflow_nested.tracking.tracker import uses_writer_process
+
+    _WRITERS_SEEN.append(uses_writer_process())
+    return trial.suggest_float("x", -1, 1) ** 2
+
+
+@pytest.mark.slow
+def test_executor_workers_write_from_threads_and_the_caller_from_the_writer_process(
+        tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One worker per core: a writer process each would add a busy process per core
+    # (benchmarks/RESULTS.md), so by default only the calling process has one.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from optuna_mlflow_nested.tracking.tracker import uses_writer_process
+
+    monkeypatch.delenv("OMN_WRITER", raising=False)
+    _WRITERS_SEEN.clear()
+    study = omn.create_study("auto", storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                             tracking_uri=tracking_uri, sampler="random", seed=0)
+    study.optimize(_note_writer, n_trials=2)
+    with ThreadPoolExecutor(2) as pool:
+        study.optimize(_note_writer, n_trials=4, executor=pool)
+    assert _WRITERS_SEEN == [True] * 2 + [False] * 4
+    assert uses_writer_process()  # the worker's setting ended with its task
+    monkeypatch.setenv("OMN_WRITER", "process")
+    _WRITERS_SEEN.clear()
+    with ThreadPoolExecutor(2) as pool:
+        study.optimize(_note_writer, n_trials=2, executor=pool)
+    assert _WRITERS_SEEN == [True] * 2
+    assert sorted(int(n) for n in study.child_runs()["tags.optuna.trial_number"]) == list(range(8))

@@ -209,6 +209,12 @@ def global_tracking_uri(tracking_uri: str) -> Iterator[None]:
                     os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
+#: MLflow's HTTP retry settings while this project writes: ~3 s of retries per call.
+SHORT_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 @contextlib.contextmanager
 def short_http_retries(tracking_uri: str) -> Iterator[None]:
     """MLflow's REST client retries a dead server for ~4 minutes per call by default.
@@ -224,8 +230,7 @@ def short_http_retries(tracking_uri: str) -> Iterator[None]:
     urllib3_logger = logging.getLogger("urllib3.connectionpool")
     previous_level = urllib3_logger.level
     urllib3_logger.setLevel(logging.ERROR)
-    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    defaults = dict(SHORT_HTTP_RETRIES)
     if redact_uri(tracking_uri) != tracking_uri:
         # MLflow prints "View run ... at: <tracking URI>/#/..." (password included) when
         # a run ends through its API, e.g. an objective calling mlflow.end_run().

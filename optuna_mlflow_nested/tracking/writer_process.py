@@ -23,11 +23,13 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import logging
 from multiprocessing.connection import Connection
 import os
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 import uuid
 
@@ -80,6 +82,7 @@ class WriterProcess:
         self._replies: dict[str, Any] = {}
         self._lags: dict[str, Lag] = {}  # session -> the writer fell behind (reported once)
         self._closed: set[str] = set()
+        self._unhealthy: set[str] = set()  # sessions whose pool cannot create runs now
         self._used = False
         self._ready = False
         self._reader = threading.Thread(target=self._read, name="omn-writer-reader", daemon=True)
@@ -111,6 +114,8 @@ class WriterProcess:
                         self._runs.setdefault(key, collections.deque()).append(payload)  # child deletes it
                 elif kind == "lag":
                     self._lags[key] = payload
+                elif kind == "health":  # the child's run pool reaches the store, or not
+                    (self._unhealthy.discard if payload else self._unhealthy.add)(key)
                 else:  # a reply to a request
                     self._replies[key] = payload
                 self._cond.notify_all()
@@ -121,10 +126,18 @@ class WriterProcess:
                 and self._ready
 
     def take_run(self, session: str, timeout: float) -> Run | None:
+        """A spare run of ``session``: waits up to ``timeout`` seconds while the child
+        creates runs, and only briefly while it reports the store away (as
+        :meth:`RunPool.take`: the trial then runs without a live run)."""
+        deadline = time.monotonic() + timeout
         with self._cond:
-            if not self._cond.wait_for(lambda: self._runs.get(session) or not self.alive(),
-                                       timeout) or not self._runs.get(session):
-                return None
+            while not self._runs.get(session):
+                if session in self._unhealthy or not self.alive():
+                    deadline = min(deadline, time.monotonic() + 0.5)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
             return self._runs[session].popleft()
 
     def request(self, kind: str, *args: Any, timeout: float) -> Any:
@@ -259,6 +272,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
             self.stranded: list[str] = []  # taken from the pool after close began
             self.sid = sid
             self.lag_reported = False
+            self.healthy = True
             self.deadline = float(options["retry_deadline"]) + 30
             threading.Thread(target=self.push_runs, name=f"omn-session-{sid[:8]}",
                              daemon=True).start()
@@ -273,6 +287,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
                     run = None
                     while run is None and not self.closed.is_set():
                         run = self.pool.take(1.0)  # returns at once when the pool closes
+                        self.report_health(run is not None or self.pool.healthy)
                     if run is None:
                         return
                     if self.closed.is_set():
@@ -280,6 +295,13 @@ def _serve(receive: Connection, reply: Connection) -> None:
                         return
                     self.pushed.add(run.info.run_id)
                     send("run", self.sid, run)
+
+        def report_health(self, healthy: bool) -> None:
+            """Tell the parent when the store stops or starts taking new runs: while it
+            is away, trials do not wait for a run (see ``WriterProcess.take_run``)."""
+            if healthy != self.healthy:
+                self.healthy = healthy
+                send("health", self.sid, healthy)
 
         def pool_delete(self, run_ids: list[str]) -> None:
             from optuna_mlflow_nested.tracking.clients import discard_runs
@@ -368,6 +390,16 @@ def main(argv: list[str]) -> None:
     # Every store call of this process is retried, or is best-effort cleanup that may
     # fail (see _compat.quiet_retried_store_errors).
     threading.current_thread().name = "omn-session-main"
+    # This process only makes this project's writes, which retry with their own backoff
+    # and spool: MLflow's own retries of a dead server (minutes per call) stay short,
+    # urllib3's retry warnings quiet, 'View run' links (with credentials) unprinted, as
+    # in the parent while it optimizes (clients.short_http_retries), unless the user
+    # set them.
+    from optuna_mlflow_nested.tracking.clients import SHORT_HTTP_RETRIES
+
+    for key, value in {**SHORT_HTTP_RETRIES, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     receive = Connection(int(argv[0]), writable=False)
     reply = Connection(int(argv[1]), readable=False)
     _serve(receive, reply)
