@@ -21,6 +21,7 @@ died before its record was handed off (``sync`` rebuilds it from Optuna's storag
 from __future__ import annotations
 
 import atexit
+import builtins
 import collections
 import contextlib
 import logging
@@ -32,6 +33,7 @@ import threading
 import time
 from typing import Any
 import uuid
+import warnings
 
 from mlflow.entities import Run
 
@@ -83,6 +85,7 @@ class WriterProcess:
         self._lags: dict[str, Lag] = {}  # session -> the writer fell behind (reported once)
         self._closed: set[str] = set()
         self._unhealthy: set[str] = set()  # sessions whose pool cannot create runs now
+        self._warnings: list[tuple[str, str]] = []  # (category name, text) from the child
         self._used = False
         self._ready = False
         self._reader = threading.Thread(target=self._read, name="omn-writer-reader", daemon=True)
@@ -114,6 +117,8 @@ class WriterProcess:
                         self._runs.setdefault(key, collections.deque()).append(payload)  # child deletes it
                 elif kind == "lag":
                     self._lags[key] = payload
+                elif kind == "warn":  # said in the child (the spool): said again here
+                    self._warnings.append(payload)
                 elif kind == "health":  # the child's run pool reaches the store, or not
                     (self._unhealthy.discard if payload else self._unhealthy.add)(key)
                 else:  # a reply to a request
@@ -159,6 +164,17 @@ class WriterProcess:
     def lag(self, session: str) -> Lag | None:
         return self._lags.get(session)
 
+    def repeat_warnings(self) -> None:
+        """Warn, in the calling thread, what the child warned (e.g. where the spool is),
+        so that the user's warning filters and ``catch_warnings`` see it."""
+        with self._cond:
+            said, self._warnings = self._warnings, []
+        for category_name, text in said:
+            category = getattr(builtins, category_name, None)
+            if not (isinstance(category, type) and issubclass(category, Warning)):
+                category = RuntimeWarning
+            warnings.warn(text, category, stacklevel=3)
+
     def unused_runs(self, session: str) -> list[str]:
         with self._cond:
             self._closed.add(session)
@@ -201,6 +217,7 @@ class ProcessSession:
 
     def put(self, record: RunRecord) -> None:
         self._process.send("record", self._id, record)
+        self._process.repeat_warnings()
 
     def lag(self) -> Lag | None:
         """The writer process's report that this session's writes fell behind, if any."""
@@ -227,6 +244,7 @@ class ProcessSession:
         self._given_back.clear()
         reply = self._process.request("close", self._id, unused,
                                       timeout=(timeout or self._retry_deadline) + 30)
+        self._process.repeat_warnings()
         if reply is None:
             return False
         drained, unsaved = reply
@@ -259,10 +277,12 @@ def _serve(receive: Connection, reply: Connection) -> None:
             self.writer = Writer(client, options["threads"], Spool(options["spool_path"]),
                                  RetryPolicy(deadline=options["retry_deadline"]))
             self.pool = RunPool(client, options["experiment_id"], options["parent_run_id"],
-                                options["study_name"], spare=options["spare"],
+                                # one of the spare runs waits in the parent: as many
+                                # made ahead in all as with writer threads
+                                options["study_name"], spare=max(1, options["spare"] - 1),
                                 threads=options["threads"], tags=options["pool_tags"])
             self.client = client
-            self.credit = threading.Semaphore(options["spare"])
+            self.credit = threading.Semaphore(1)
             self.closed = threading.Event()
             # Runs pushed to the parent, and those it took: at close, every pushed run it
             # did not take is deleted, also one pushed while its close was on the way.
@@ -331,6 +351,16 @@ def _serve(receive: Connection, reply: Connection) -> None:
         finally:
             send("reply", token, done)
 
+    show = warnings.showwarning
+
+    def forward(message: Any, category: type[Warning], filename: str, *rest: Any,
+                **kwargs: Any) -> None:
+        if os.sep + "optuna_mlflow_nested" + os.sep in filename:  # ours: the spool's
+            send("warn", "", (category.__name__, str(message)))
+        else:
+            show(message, category, filename, *rest, **kwargs)
+
+    warnings.showwarning = forward  # the user sees them in their own process (repeat_warnings)
     sessions: dict[str, Session] = {}
     jobs: list[threading.Thread] = []
     send("ready", "", None)
