@@ -1,19 +1,22 @@
 """Trial events -> MLflow, one job per module.
 
-=================  ==========================================================
-``records``        FrozenTrial -> :class:`RunRecord` (the one mapping)
-``delivery``       one record -> MLflow writes: idempotent, batched, retried
-``writer``         background delivery: bounded queue, writer threads, flush
-``run_pool``       child runs created ahead of the trials
-``spool``          outage spool and replay (cross-process safe)
-``tracker``        a trial's lifecycle: open its run, record its end
-``reconcile``      MLflow made to agree with Optuna's storage
-``parent``         parent run: start, budget, summary
-``figures``        the parent's PNG figures
-``clients``        cached clients, URIs, experiments, the global tracking URI
-=================  ==========================================================
+==================  ==========================================================
+``records``         FrozenTrial -> :class:`RunRecord` (the one mapping)
+``delivery``        one record -> MLflow writes: idempotent, batched, retried
+``writer``          background delivery: bounded queue, writer threads, flush
+``writer_process``  the writer in a child process (default outside executor workers)
+``writer_child``    that child's side: sessions, spare runs, the parent's figures
+``run_pool``        child runs created ahead of the trials
+``spool``           outage spool and replay (cross-process safe)
+``tracker``         a trial's lifecycle: open its run, record its end
+``reconcile``       MLflow made to agree with Optuna's storage
+``parent``          parent run: start, budget, summary
+``figures``         the parent's PNG figures
+``clients``         cached clients, URIs, experiments, the global tracking URI
+==================  ==========================================================
 
-Data flow: trial -> :func:`records.trial_record` -> :class:`writer.Writer` ->
+Data flow: trial -> :func:`records.trial_record` -> :class:`writer.Writer` (in the
+writer process, or in threads) ->
 :func:`delivery.deliver` -> MLflow (or :class:`spool.Spool` while it is away).
 """
 
