@@ -24,8 +24,6 @@ from optuna_mlflow_nested.tracking.records import RunRecord
 
 
 def _serve(receive: Connection, reply: Connection) -> None:
-    import logging
-
     from optuna_mlflow_nested._utils import redact_secrets
     from optuna_mlflow_nested.tracking.clients import get_client
     from optuna_mlflow_nested.tracking.delivery import RetryPolicy

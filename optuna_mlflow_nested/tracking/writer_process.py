@@ -55,7 +55,10 @@ class WriterProcess:
         ``tracking_uri``'s store and loading matplotlib take seconds, which a study's
         first ``optimize`` then does not wait for."""
         with contextlib.suppress(Exception):
-            cls.get().send("prepare", "", tracking_uri)
+            process = cls.get()
+            if not process._prepared:  # once: a program that makes many studies (a test
+                process._prepared = True  # suite) would open every store here for nothing
+                process.send("prepare", "", tracking_uri)
 
     @classmethod
     def get(cls) -> WriterProcess:
@@ -87,6 +90,7 @@ class WriterProcess:
         self._unhealthy: set[str] = set()  # sessions whose pool cannot create runs now
         self._warnings: list[tuple[str, str]] = []  # (category name, text) from the child
         self._used = False
+        self._prepared = False
         self._ready = False
         self._reader = threading.Thread(target=self._read, name="omn-writer-reader", daemon=True)
         self._reader.start()
