@@ -32,7 +32,6 @@ from optuna_mlflow_nested.samplers import make_sampler
 from optuna_mlflow_nested.tracking import figures
 from optuna_mlflow_nested.tracking import parent as parent_run
 from optuna_mlflow_nested.tracking.delivery import equals_clause
-from optuna_mlflow_nested.tracking.figures import warm_up_figures
 from optuna_mlflow_nested.tracking.reconcile import reconcile_study
 from optuna_mlflow_nested.tracking.reconcile import runs_to_keep
 from optuna_mlflow_nested.tracking.tracker import prepare_writer
@@ -182,7 +181,7 @@ class NestedStudy(optuna.Study):
             with tracking.short_http_retries(self.tracking_uri):
                 parent_run.mark_parent_running(self._client, self.parent_run_id, budget)
             if self.trial_runs is None:  # big searches: no import competing for the GIL
-                warm_up_figures()
+                figures.warm_up_figures()
         status = "FAILED"
         try:
             if executor is not None:

@@ -21,19 +21,22 @@ _figure_imports: threading.Thread | None = None
 
 
 def warm_up_figures() -> None:
-    """Import matplotlib in the background while trials run (about 0.5 s saved at the end).
-
-    Where the writer process draws the figures (the default), it warms up there instead.
-    """
+    """Load matplotlib while trials run (about 0.5 s saved at the end), where the figures
+    will be drawn: in the writer process when it is in use, else here."""
     from optuna_mlflow_nested.tracking.tracker import uses_writer_process
 
-    global _figure_imports
-    if uses_writer_process() and _in_user_process():
-        from optuna_mlflow_nested.tracking.writer_process import WriterProcess
-
-        with contextlib.suppress(Exception):  # no writer process: the figures are drawn here
-            WriterProcess.get().send("warm", "", None)
+    if not uses_writer_process():
+        warm_up_here()
         return
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    with contextlib.suppress(Exception):  # no writer process: the figures are drawn here
+        WriterProcess.get().send("warm", "", None)
+
+
+def warm_up_here() -> None:
+    """Import matplotlib in a background thread of this process (once)."""
+    global _figure_imports
     if _figure_imports is None:
         def _import() -> None:
             with contextlib.suppress(Exception):
@@ -49,15 +52,6 @@ def warm_up_figures() -> None:
 
         _figure_imports = threading.Thread(target=_import, name="omn-warm-up", daemon=True)
         _figure_imports.start()
-
-
-def _in_user_process() -> bool:
-    """False in the writer process itself (it sets this module's flag)."""
-    return not IN_WRITER_PROCESS
-
-
-#: Set in the writer process: figures are drawn in this process.
-IN_WRITER_PROCESS = False
 
 
 def log_figures(client: MlflowClient, run_id: str, study: optuna.Study) -> None:

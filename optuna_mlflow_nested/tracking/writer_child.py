@@ -55,7 +55,6 @@ def _serve(receive: Connection, reply: Connection) -> None:
             self.push_lock = threading.Lock()
             self.pushed: set[str] = set()
             self.taken: set[str] = set()
-            self.stranded: list[str] = []  # taken from the pool after close began
             self.sid = sid
             self.lag_reported = False
             self.healthy = True
@@ -76,10 +75,9 @@ def _serve(receive: Connection, reply: Connection) -> None:
                         self.report_health(run is not None or self.pool.healthy)
                     if run is None:
                         return
+                    self.pushed.add(run.info.run_id)  # deleted at close unless taken
                     if self.closed.is_set():
-                        self.stranded.append(run.info.run_id)
                         return
-                    self.pushed.add(run.info.run_id)
                     send("run", self.sid, run)
 
         def report_health(self, healthy: bool) -> None:
@@ -94,11 +92,11 @@ def _serve(receive: Connection, reply: Connection) -> None:
 
             discard_runs(self.client, run_ids)
 
-        def close(self, unused: list[str], timeout: float) -> tuple[bool, list[RunRecord]]:
+        def close(self, given_back: list[str], timeout: float) -> tuple[bool, list[RunRecord]]:
             self.closed.set()
             self.pool.close()
             with self.push_lock:  # no push is under way past this point
-                leftovers = (self.pushed - self.taken) | set(unused) | set(self.stranded)
+                leftovers = (self.pushed - self.taken) | set(given_back)
             self.pool_delete(sorted(leftovers))
             drained = self.writer.close(timeout=timeout)
             return drained, list(self.writer.unsaved)
@@ -151,10 +149,9 @@ def _serve(receive: Connection, reply: Connection) -> None:
             with contextlib.suppress(Exception):  # the session says what is wrong, if it must
                 get_client(message[2])
         elif kind == "warm":  # a search began whose summary draws figures here: pay
-            from optuna_mlflow_nested.tracking import figures  # matplotlib's imports now
+            from optuna_mlflow_nested.tracking.figures import warm_up_here  # matplotlib's
 
-            figures.IN_WRITER_PROCESS = True
-            figures.warm_up_figures()
+            warm_up_here()  # imports now
         elif kind == "figures":
             job = threading.Thread(target=draw_figures, args=(key, *message[2:5]),
                                    name="omn-session-figures", daemon=True)
@@ -169,9 +166,9 @@ def _serve(receive: Connection, reply: Connection) -> None:
             drained = sessions[sid].writer.flush() if sid in sessions else True
             send("reply", token, drained)
         elif kind == "close":
-            token, sid, unused = key, message[2], message[3]
+            token, sid, given_back = key, message[2], message[3]
             session = sessions.pop(sid, None)
-            outcome = session.close(unused, session.deadline) if session else (True, [])
+            outcome = session.close(given_back, session.deadline) if session else (True, [])
             send("reply", token, outcome)
     for session in sessions.values():
         session.close([], 120.0)

@@ -171,6 +171,8 @@ class WriterProcess:
     def repeat_warnings(self) -> None:
         """Warn, in the calling thread, what the child warned (e.g. where the spool is),
         so that the user's warning filters and ``catch_warnings`` see it."""
+        if not self._warnings:  # the per-trial case: no lock taken
+            return
         with self._cond:
             said, self._warnings = self._warnings, []
         for category_name, text in said:
@@ -179,12 +181,13 @@ class WriterProcess:
                 category = RuntimeWarning
             warnings.warn(text, category, stacklevel=3)
 
-    def unused_runs(self, session: str) -> list[str]:
+    def forget(self, session: str) -> None:
+        """``session`` closes: runs the child pushes for it from now on are dropped here
+        (the child deletes every run it pushed that the session did not take)."""
         with self._cond:
             self._closed.add(session)
             self._lags.pop(session, None)
-            runs = self._runs.pop(session, collections.deque())
-        return [run.info.run_id for run in runs]
+            self._runs.pop(session, None)
 
     def stop(self) -> None:
         """Close the pipe: the child delivers what it has, then exits."""
@@ -244,9 +247,10 @@ class ProcessSession:
         return reply is not None and bool(reply)
 
     def close(self, timeout: float | None = None) -> bool:
-        unused = self._process.unused_runs(self._id) + [r.info.run_id for r in self._given_back]
+        self._process.forget(self._id)
+        given_back = [r.info.run_id for r in self._given_back]  # taken, yet no trial's
         self._given_back.clear()
-        reply = self._process.request("close", self._id, unused,
+        reply = self._process.request("close", self._id, given_back,
                                       timeout=(timeout or self._retry_deadline) + 30)
         self._process.repeat_warnings()
         if reply is None:
