@@ -288,10 +288,14 @@ def breakdown(uri: str, n: int) -> None:
 
         setattr(owner, name, wrapper)
 
+    from optuna_mlflow_nested.tracking import writer_process
+
     steps = [(tracking.TrialTracker, "stop", "flush the writer, delete spare runs"),
              (study_module, "reconcile_study", "reconcile"),
-             (parent, "log_parent_summary", "parent summary (incl. figures)"),
-             (figures, "log_figures", "the two figures"),
+             (parent, "log_parent_summary", "parent summary (with writer threads: and figures)"),
+             (figures, "log_figures", "the two figures, drawn here"),
+             (writer_process.WriterProcess, "reply", "waits for the writer process (its close, "
+                                                     "then the figures drawn there)"),
              (tracking, "set_run_status", "parent status")]
     for owner, name, label in steps:
         timed(owner, name, label)
@@ -306,13 +310,27 @@ def breakdown(uri: str, n: int) -> None:
         print(f"| {label} | {overhead:.2f} | " + " | ".join(cells) + " |")
 
 
-def per_store(folder: Path, columns: list[str], row) -> None:
-    """A table with a row per tracking store (SQLite, a local server): ``row(uri)``'s cells."""
+def per_store(folder: Path, columns: list[str], row, wal_row: bool = False) -> None:
+    """A table with a row per tracking store (SQLite, a local server): ``row(uri)``'s cells.
+
+    ``wal_row``: also a SQLite file put in WAL mode before the row runs (this project
+    does that when it opens a file; a plain MlflowClient leaves MLflow's rollback journal).
+    """
+    from mlflow.tracking import MlflowClient
+
+    from optuna_mlflow_nested.tracking.clients import use_wal
+
     print("\n| tracking store | " + " | ".join(columns) + " |")
     print("| --- " * (len(columns) + 1) + "|")
     server = Server(folder / "server")
+    stores = [("SQLite", f"sqlite:///{folder}/store.db")]
+    if wal_row:
+        wal = folder / "wal.db"
+        MlflowClient(f"sqlite:///{wal}").search_experiments()  # created and migrated
+        use_wal(wal)
+        stores.append(("SQLite, file in WAL mode first", f"sqlite:///{wal}"))
     try:
-        for store, uri in (("SQLite", f"sqlite:///{folder}/store.db"), ("mlflow server", server.uri)):
+        for store, uri in [*stores, ("mlflow server", server.uri)]:
             print(f"| {store} | " + " | ".join(f"{c:.3f}" for c in row(uri)) + " |", flush=True)
     finally:
         server.stop()
@@ -390,7 +408,7 @@ def main() -> None:
 
         per_store(root / "floor", ["instant objective, ours (ms/trial over bare Optuna)",
                                    "the store's own create + log_batch + terminate (ms/run)",
-                                   "ratio"], floor_row)
+                                   "ratio"], floor_row, wal_row=True)
     if args.no_scaling:
         return
 
