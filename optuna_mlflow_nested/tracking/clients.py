@@ -68,8 +68,9 @@ def use_wal(db_path: Path) -> bool:
 
     MLflow opens SQLite in its default rollback-journal mode, where every commit of
     the several a run write makes syncs the file and its journal, and readers block
-    writers. In WAL mode a commit appends to ``<file>-wal``: writes cost about half
-    (benchmarks/RESULTS.md) and workers' reads no longer wait for a writer. The file
+    writers. In WAL mode a commit appends to ``<file>-wal``: a trial run's create,
+    log_batch and terminate took 21 instead of 30 ms (benchmarks/RESULTS.md), and
+    workers' reads no longer wait for a writer. The file
     stays an ordinary SQLite database that MLflow, its UI and ``sqlite3`` open as
     before. ``OMN_SQLITE_WAL=0`` leaves the file as it is (WAL needs a local disk, not
     a network file system). A file busy in another process keeps its mode for now.
