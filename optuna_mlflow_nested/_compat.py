@@ -16,12 +16,14 @@ from mlflow.entities import Run
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 import optuna
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
 
 __all__ = [
     "active_run",
     "active_run_ids_of_all_threads",
     "add_trial",
-    "claim_waiting_trial",
+    "claim_trial",
     "default_experiment_id",
     "executor_worker_count",
     "explicit_tracking_uri",
@@ -33,6 +35,7 @@ __all__ = [
     "set_trial_system_attr",
     "study_storage",
     "trial_active_run",
+    "trial_id",
     "update_run_info",
 ]
 
@@ -223,16 +226,30 @@ def set_trial_system_attr(trial: optuna.Trial, key: str, value: Any) -> None:
     trial.storage.set_trial_system_attr(trial._trial_id, key, value)
 
 
-def claim_waiting_trial(study: optuna.Study) -> optuna.Trial | None:
-    """``study.ask()`` that only takes a queued (WAITING) trial and never creates one.
+def claim_trial(study: optuna.Study, trial_id: int) -> optuna.Trial | None:
+    """Take the queued trial ``trial_id`` (WAITING to RUNNING) as ``study.ask()`` would.
 
-    Workers of one ``optimize(executor=...)`` share an exact budget of queued trials;
-    Optuna's ``ask`` would create a new trial when the queue is empty (overshooting the
-    budget), and its atomic pop of a waiting trial has no public form.
+    Workers of one ``optimize(executor=...)`` share an exact budget of queued trials and
+    know their ids. Optuna's ``ask`` pops a waiting trial by reading every unfinished
+    trial of the study (its private ``_pop_waiting_trial_id``): with a whole budget
+    queued, O(budget) rows per trial. This is that pop for one known trial.
+
+    Returns:
+        The trial, or ``None`` when it is not WAITING any more (another worker took
+        it, or it finished).
     """
+    try:
+        if not study._storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+            return None
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return None
     study._thread_local.cached_all_trials = None  # what ask() does: see the latest trials
-    trial_id = study._pop_waiting_trial_id()
-    return None if trial_id is None else optuna.Trial(study, trial_id)
+    return optuna.Trial(study, trial_id)
+
+
+def trial_id(trial: FrozenTrial) -> int:
+    """The storage's id of a trial: storages key on it, ``FrozenTrial`` keeps it private."""
+    return trial._trial_id
 
 
 def rdb_url(storage: optuna.storages.BaseStorage) -> str | None:

@@ -14,6 +14,7 @@ created are ended and deleted.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from collections.abc import Sequence
 import concurrent.futures
@@ -54,6 +55,10 @@ class BudgetSpent(Exception):
 def claim_queued_trial(study: NestedStudy) -> optuna.Trial:
     """A queued trial of the shared budget for this worker, or :class:`BudgetSpent`.
 
+    The worker tries the budget's trials in order, each at most once (one taken by
+    another worker, or finished, is skipped): a claim costs a write or two, whatever
+    the size of the budget.
+
     On SQLite the claim (read WAITING, write RUNNING) is not atomic across processes,
     so workers on one machine take turns under a file lock beside the database.
     """
@@ -62,22 +67,24 @@ def claim_queued_trial(study: NestedStudy) -> optuna.Trial:
     path = tracking.clients.sqlite_path(url)
     lock: contextlib.AbstractContextManager[object] = (
         FileLock(f"{path}.claim.lock") if path is not None else contextlib.nullcontext())
-    if _stop_requested:  # this worker was interrupted: no further trial
-        raise BudgetSpent(study.study_name)
-    for attempt in range(5):
-        try:
-            with lock:
-                trial = _compat.claim_waiting_trial(study)
-            break
-        except optuna.exceptions.StorageInternalError:
-            # SQLite locked by another writer (heartbeats, a worker killed mid-write);
-            # the failed claim was rolled back, so trying again takes no trial twice.
-            if attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    if trial is None:
-        raise BudgetSpent(study.study_name)
-    return trial
+    queue = study._worker_queue
+    while queue and not _stop_requested:  # an interrupted worker takes no further trial
+        trial = None
+        for attempt in range(5):
+            try:
+                with lock:
+                    trial = _compat.claim_trial(study, queue[0])
+                break
+            except optuna.exceptions.StorageInternalError:
+                # SQLite locked by another writer (heartbeats, a worker killed mid-write);
+                # the failed claim was rolled back, so trying again takes no trial twice.
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        queue.popleft()
+        if trial is not None:
+            return trial
+    raise BudgetSpent(study.study_name)
 
 
 def heartbeat_settings() -> tuple[int, int]:
@@ -103,6 +110,7 @@ class WorkerSpec:
     deadline: float | None  # epoch seconds
     session: str
     trial_inputs: tuple[dict[str, Any], ...] = ()  # datasets every trial run logs
+    queued: tuple[int, ...] = ()  # the budget: ids of the WAITING trials, in number order
 
 
 _in_objective = False
@@ -191,6 +199,7 @@ def _run_worker(spec: WorkerSpec) -> int:
                        sampler=spec.sampler, pruner=spec.pruner, metric_name=spec.metric_name)
     study.sampler.reseed_rng()  # every worker got the same sampler state
     study._worker_session = spec.session
+    study._worker_queue = collections.deque(spec.queued)
     if spec.trial_inputs:
         study._tracking.trial_inputs = list(spec.trial_inputs)
     before = len(study.get_trials(deepcopy=False))
@@ -267,17 +276,19 @@ def optimize_with_executor(
     _check_picklable(func, executor)
     workers = _resolve_workers(executor, n_workers)
     storage, _ = _compat.study_storage(study)
-    queued = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
-    for _ in range(max(0, n_trials - len(queued))):
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    for _ in range(max(0, n_trials - len(waiting))):
         # A bare WAITING trial (not enqueue_trial({}), whose empty fixed params the
         # GridSampler refuses): the sampler picks its params when a worker takes it.
-        queued.add(_compat.add_trial(study, create_trial(state=TrialState.WAITING)).number)
+        waiting.append(_compat.add_trial(study, create_trial(state=TrialState.WAITING)))
+    queued = {t.number for t in waiting}
     spec = WorkerSpec(
         study_name=study.study_name, storage=storage, tracking_uri=study.tracking_uri,
         metric_name=study.metric_name, sampler=study.sampler, pruner=study.pruner, func=func,
         catch=catch, callbacks=tuple(callbacks), gc_after_trial=gc_after_trial,
         deadline=None if timeout is None else time.time() + timeout, session=uuid.uuid4().hex,
         trial_inputs=tuple(study._tracking.trial_inputs or ()),
+        queued=tuple(_compat.trial_id(t) for t in sorted(waiting, key=lambda t: t.number)),
     )
     already = len(study.get_trials(deepcopy=False, states=_FINISHED))
     futures = [executor.submit(run_worker, spec, task) for task in range(min(workers, n_trials) or 1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -95,6 +96,7 @@ class NestedStudy(optuna.Study):
         self._omn_local = threading.local()
         #: Set in executor workers: ask() only takes queued trials of the shared budget.
         self._worker_session: str | None = None
+        self._worker_queue: collections.deque[int] = collections.deque()  # its budget's trial ids
         if trial_runs is None:
             prepare_writer(tracking_uri)  # its imports take seconds: ready when optimize comes
 

@@ -77,14 +77,17 @@ def test_study_storage_attrs_add_trial_and_trial_attr() -> None:
     assert study.trials[-1].system_attrs["run"] == "r1"
 
 
-def test_claim_waiting_trial_takes_only_queued_trials() -> None:
+def test_claim_trial_takes_only_a_queued_trial_once() -> None:
     study = optuna.create_study()
     study.enqueue_trial({"x": 0.25})
-    claimed = _compat.claim_waiting_trial(study)
+    queued = _compat.trial_id(study.trials[0])
+    claimed = _compat.claim_trial(study, queued)
     assert claimed is not None and claimed.suggest_float("x", 0, 1) == 0.25
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING
-    assert _compat.claim_waiting_trial(study) is None
-    assert len(study.trials) == 1, "no trial is created when the queue is empty"
+    assert _compat.claim_trial(study, queued) is None, "taken already"
+    study.tell(claimed, 1.0)
+    assert _compat.claim_trial(study, queued) is None, "finished"
+    assert len(study.trials) == 1, "a claim never creates a trial"
 
 
 def test_rdb_url_and_executor_worker_count(tmp_path) -> None:

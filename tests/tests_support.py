@@ -2,18 +2,54 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Iterator
+import contextlib
 import os
 from pathlib import Path
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+
+import optuna
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def killing_a_worker_mid_trial(
+        study_name: str, storage: str,
+        kill: Callable[[optuna.trial.FrozenTrial], bool]) -> Iterator[list[int]]:
+    """While the block runs, offer each RUNNING trial of the study to ``kill`` until it
+    kills that trial's worker (returns True). Yields a list: then, that trial's number."""
+    killed: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        watcher = optuna.load_study(study_name=study_name, storage=storage)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not done.is_set():
+            for trial in watcher.get_trials(deepcopy=False,
+                                            states=(optuna.trial.TrialState.RUNNING,)):
+                if kill(trial):
+                    killed.append(trial.number)
+                    return
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        watcher.join()
 
 
 class DaskCluster:
