@@ -1,12 +1,21 @@
 """Throughput of optimize(executor=...) with 1 and 2 workers, per engine (issue 13).
 
-A CPU-bound objective (pure Python, ~TRIAL_S seconds) on a SQLite Optuna storage and a
-SQLite tracking file; each engine is started and warmed before the clock starts, so
-what is timed is `study.optimize(..., executor=...)` itself. Prints trials/s, the
-2-vs-1 worker speedup per engine (target >= 1.8x on 2 cores) and each engine's wall
-time against the process pool's at 2 workers (target: at most 5 % more).
+A CPU-bound objective (pure Python: a fixed amount of work, calibrated here to take
+about TRIAL_S seconds of one core) on a SQLite Optuna storage and a SQLite tracking
+file; each engine is started before the clock starts, so what is timed is
+`study.optimize(..., executor=...)` itself, each worker's first import of the project
+included. Prints, per engine and worker count, the wall time, how long the first trial
+took to start and how long optimize took to return after the last trial ended (an
+engine's fixed costs), two rates (trials over the wall time; trials over the span from
+the first trial's start to the last trial's end, the steady rate without those fixed
+costs), the objective's own work time per trial, and the share of the workers' time
+(workers x wall) spent in that work. Then the 2-vs-1 worker speedup (target >= 1.8x on
+2 cores) and each engine's time against the process pool's at 2 workers (target: at
+most 5 % more): on the wall time, on the steady span, and at equal work speed (from
+the shares, which the machine's drifting speed cancels out of).
 
-    python benchmarks/executors.py [--trials 24] [--trial-seconds 0.2] [--engines process,dask,submitit]
+    python benchmarks/executors.py [--trials 24] [--trial-seconds 0.2] [--repeats 1]
+        [--engines process,dask,submitit]
 """
 
 from __future__ import annotations
@@ -14,10 +23,13 @@ from __future__ import annotations
 import argparse
 from concurrent.futures import ProcessPoolExecutor
 import contextlib
+import dataclasses
+import datetime
 import logging
 import os
 from pathlib import Path
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +43,9 @@ HERE = str(Path(__file__).resolve().parent)
 sys.path.insert(0, HERE)
 # Worker processes that engines start (Dask, submitit) must import the objective too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
-from cpu_objective import burn  # noqa: E402  (module-level: process pools pickle by reference)
+from cpu_objective import Burn  # noqa: E402  (module-level: process pools pickle by reference)
+from cpu_objective import calibrate  # noqa: E402
+from cpu_objective import objective_seconds  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -59,19 +73,38 @@ def engine(name: str, workers: int, folder: Path):
         raise ValueError(name)
 
 
-def run(name: str, workers: int, trials: int, trial_s: float) -> float:
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    wall: float  # seconds in optimize
+    to_first: float  # optimize called -> the first trial started
+    after_last: float  # the last trial ended -> optimize returned
+    span: float  # the first trial started -> the last trial ended
+    work: float  # mean seconds of the objective's own work per trial (the machine's speed)
+    in_objective: float  # share of the workers' time (workers x wall) spent in that work
+
+
+def run(name: str, workers: int, trials: int, objective: Burn) -> Timing:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        (folder / "work").mkdir()
+        objective = dataclasses.replace(objective, log_dir=str(folder / "work"))
         study = omn.create_study(f"{name}-{workers}", storage=f"sqlite:///{folder / 'o.db'}",
                                  tracking_uri=f"sqlite:///{folder / 'm.db'}", sampler="random",
                                  seed=0)
-        study.set_user_attr("trial_seconds", trial_s)
         with engine(name, workers, folder) as (executor, n_workers):
+            called = datetime.datetime.now()  # Optuna stamps trials with naive local times
             start = time.perf_counter()
-            study.optimize(burn, n_trials=trials, executor=executor, n_workers=n_workers)
+            study.optimize(objective, n_trials=trials, executor=executor, n_workers=n_workers)
             wall = time.perf_counter() - start
-        assert len(study.trials) == trials
-        return wall
+        done = study.trials
+        assert len(done) == trials and all(t.state.name == "COMPLETE" for t in done)
+        first = min(t.datetime_start for t in done if t.datetime_start)
+        last = max(t.datetime_complete for t in done if t.datetime_complete)
+        to_first, to_last = (first - called).total_seconds(), (last - called).total_seconds()
+        work = objective_seconds(str(folder / "work"))
+        assert len(work) == trials
+        return Timing(wall, to_first, wall - to_last, to_last - to_first, sum(work) / trials,
+                      sum(work) / (workers * wall))
 
 
 def main() -> None:
@@ -79,6 +112,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--trial-seconds", type=float, default=0.2)
     parser.add_argument("--engines", default="process,dask,submitit")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds over every engine and worker count (medians reported)")
     args = parser.parse_args()
     # `timeout` and batch schedulers send SIGTERM: exit through the finally blocks that
     # stop the servers and clusters this script started (their own process groups).
@@ -87,21 +122,51 @@ def main() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("distributed").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
-    walls: dict[tuple[str, int], float] = {}
-    for name in args.engines.split(","):
-        for workers in (1, 2):
-            walls[name, workers] = run(name, workers, args.trials, args.trial_seconds)
-            print(f"{name:9} {workers} worker(s): {walls[name, workers]:6.2f} s, "
-                  f"{args.trials / walls[name, workers]:5.2f} trials/s", flush=True)
-    print("\n| engine | 1 worker (trials/s) | 2 workers (trials/s) | speedup "
-          "| 2-worker wall vs process pool |")
-    print("| --- | --- | --- | --- | --- |")
-    for name in args.engines.split(","):
-        one, two = walls[name, 1], walls[name, 2]
-        versus = walls[name, 2] / walls["process", 2] if ("process", 2) in walls else float("nan")
-        print(f"| {name} | {args.trials / one:.2f} | {args.trials / two:.2f} | {one / two:.2f}x | "
-              f"{(versus - 1) * 100:+.1f} % |")
-
+    objective = Burn(calibrate(args.trial_seconds))
+    print(f"objective: {objective.rounds} rounds per trial (about {args.trial_seconds} s of "
+          "one core here, calibrated before the runs)", flush=True)
+    # The calling process's first optimize pays for its writer process and figures:
+    # a small untimed one first, so that no configuration below pays it.
+    run("process", 1, 2, Burn(1))
+    engines = args.engines.split(",")
+    configs = [(name, workers) for name in engines for workers in (1, 2)]
+    measured: dict[tuple[str, int], list[Timing]] = {config: [] for config in configs}
+    for repeat in range(args.repeats):
+        # The machine's speed drifts over minutes: every round runs every configuration,
+        # odd rounds in reverse order, and the tables give medians.
+        for name, workers in configs if repeat % 2 == 0 else configs[::-1]:
+            t = run(name, workers, args.trials, objective)
+            measured[name, workers].append(t)
+            print(f"round {repeat + 1}: {name:9} {workers} worker(s): wall {t.wall:6.2f} s, "
+                  f"first trial after {t.to_first:5.2f} s, returned {t.after_last:5.2f} s "
+                  f"after the last; {args.trials / t.wall:5.2f} trials/s, "
+                  f"steady {args.trials / t.span:5.2f}; work {t.work:.3f} s a trial, "
+                  f"{t.in_objective:.1%} of the workers' time", flush=True)
+    runs = {config: Timing(*(statistics.median(getattr(t, field.name) for t in timings)
+                             for field in dataclasses.fields(Timing)))
+            for config, timings in measured.items()}
+    print(f"\nMedians of {args.repeats} round(s), {args.trials} trials each:")
+    print("\n| engine | workers | wall (s) | to first trial (s) | after last trial (s) "
+          "| trials/s | steady trials/s | objective's work (s a trial) "
+          "| workers' time in the objective |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (name, workers), t in runs.items():
+        print(f"| {name} | {workers} | {t.wall:.2f} | {t.to_first:.2f} | {t.after_last:.2f} "
+              f"| {args.trials / t.wall:.2f} | {args.trials / t.span:.2f} | {t.work:.3f} "
+              f"| {t.in_objective:.1%} |")
+    # The work's own speed drifts with the machine (and differs between a forked and a
+    # fresh interpreter): the last two columns compare the shares of the workers' time
+    # spent in the objective, which that speed cancels out of.
+    print("\n| engine | speedup, wall | speedup, steady | speedup, at equal work speed "
+          "| 2 workers vs process pool, wall | vs process pool, at equal work speed |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    pool = runs.get(("process", 2))
+    for name in engines:
+        one, two = runs[name, 1], runs[name, 2]
+        wall_vs = f"{(two.wall / pool.wall - 1) * 100:+.1f} %" if pool else "n/a"
+        share_vs = f"{(pool.in_objective / two.in_objective - 1) * 100:+.1f} %" if pool else "n/a"
+        print(f"| {name} | {one.wall / two.wall:.2f}x | {one.span / two.span:.2f}x "
+              f"| {2 * two.in_objective / one.in_objective:.2f}x | {wall_vs} | {share_vs} |")
 
 if __name__ == "__main__":
     main()
