@@ -16,6 +16,11 @@ the shares, which the machine's drifting speed cancels out of).
 
     python benchmarks/executors.py [--trials 24] [--trial-seconds 0.2] [--repeats 1]
         [--engines process,dask,submitit]
+
+Engines: process (a process pool), dask (a local Dask cluster), dask-noprofile (the
+same with Dask's statistical profiler off), submitit (its local executor), and bare:
+the process pool running bare Optuna, without tracking (each worker loads the study and
+runs its share of the budget), the reference for the others' speedup.
 """
 
 from __future__ import annotations
@@ -50,16 +55,21 @@ from cpu_objective import objective_seconds  # noqa: E402
 
 @contextlib.contextmanager
 def engine(name: str, workers: int, folder: Path):
-    if name == "process":
+    if name in ("process", "bare"):  # bare: the same pool running bare Optuna
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(abs, range(workers)))  # start the processes
             yield pool, None
-    elif name == "dask":
+    elif name in ("dask", "dask-noprofile"):
+        import dask
         from distributed import Client
         from distributed import LocalCluster
 
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None, host="127.0.0.1") as cluster, \
+        # dask-noprofile: Dask's statistical profiler (a thread in each worker sampling
+        # every thread's stack every 10 ms) off, as a recipe for CPU-bound objectives.
+        profile = {"distributed.worker.profile.enabled": name == "dask"}
+        with dask.config.set(profile), \
+                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                             dashboard_address=None, host="127.0.0.1") as cluster, \
                 Client(cluster) as client:
             client.wait_for_workers(workers)
             yield client.get_executor(), None
@@ -83,18 +93,36 @@ class Timing:
     in_objective: float  # share of the workers' time (workers x wall) spent in that work
 
 
+def bare_optuna_worker(storage: str, objective: Burn, n_trials: int, seed: int) -> None:
+    """Bare Optuna's way to share a study (the reference for the tracked engines): a
+    process that loads the study and runs its share of the budget, no tracking."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="bare", storage=storage,
+                              sampler=optuna.samplers.RandomSampler(seed=seed))
+    study.optimize(objective, n_trials=n_trials)
+
+
 def run(name: str, workers: int, trials: int, objective: Burn) -> Timing:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "work").mkdir()
         objective = dataclasses.replace(objective, log_dir=str(folder / "work"))
-        study = omn.create_study(f"{name}-{workers}", storage=f"sqlite:///{folder / 'o.db'}",
-                                 tracking_uri=f"sqlite:///{folder / 'm.db'}", sampler="random",
-                                 seed=0)
+        storage = f"sqlite:///{folder / 'o.db'}"
+        tracked = None if name == "bare" else omn.create_study(
+            f"{name}-{workers}", storage=storage, tracking_uri=f"sqlite:///{folder / 'm.db'}",
+            sampler="random", seed=0)
+        study = tracked or optuna.create_study(study_name="bare", storage=storage)
         with engine(name, workers, folder) as (executor, n_workers):
             called = datetime.datetime.now()  # Optuna stamps trials with naive local times
             start = time.perf_counter()
-            study.optimize(objective, n_trials=trials, executor=executor, n_workers=n_workers)
+            if tracked is None:
+                shares = [trials // workers + (i < trials % workers) for i in range(workers)]
+                for future in [executor.submit(bare_optuna_worker, storage, objective, share, i)
+                               for i, share in enumerate(shares)]:
+                    future.result()
+            else:
+                tracked.optimize(objective, n_trials=trials, executor=executor,
+                                 n_workers=n_workers)
             wall = time.perf_counter() - start
         done = study.trials
         assert len(done) == trials and all(t.state.name == "COMPLETE" for t in done)

@@ -207,7 +207,10 @@ class TrialTracker:
         except BaseException:
             self.give_back(run)
             raise
-        if self.in_optimize:  # Optuna's heartbeat thread starts right after this ask
+        # Optuna's heartbeat thread starts right after this ask. An executor worker's
+        # trial skips this write: optimize(executor=...) fails a trial of its budget
+        # left RUNNING without a heartbeat once every task has ended.
+        if self.in_optimize and not in_executor_worker.get():
             _compat.record_first_heartbeat(study, trial)
         return trial, self.assign(trial.number, run)
 
