@@ -4,12 +4,10 @@ Process pools, Dask's ``client.get_executor()``, submitit's executors: each task
 the study from the shared storage and runs trials until an exact budget is spent.
 
 The budget is a queue: the calling process enqueues ``n_trials`` empty trials
-(WAITING); workers only ever take a queued trial, never create one, so the total is
-exact whatever the number of workers, their speed, or an engine retrying a task.
-With heartbeats (RDB storages), a worker killed mid-trial has its trial failed and
-its run ended FAILED before ``optimize`` returns, and so has one killed after it
-claimed a trial but before that trial's first heartbeat. Spare runs a dead worker
-created are ended and deleted.
+(WAITING) and workers only take those, so the total is exact whatever the number of
+workers, their speed, or an engine retrying a task. With heartbeats (RDB storages), a
+worker killed mid-trial (or after its claim, before the first heartbeat) has its trial
+failed and its run ended FAILED before ``optimize`` returns; its spare runs are deleted.
 """
 
 from __future__ import annotations
@@ -55,12 +53,9 @@ class BudgetSpent(Exception):
 def claim_queued_trial(study: NestedStudy) -> optuna.Trial:
     """A queued trial of the shared budget for this worker, or :class:`BudgetSpent`.
 
-    The worker tries the budget's trials in order, each at most once (one taken by
-    another worker, or finished, is skipped): a claim costs a write or two, whatever
-    the size of the budget.
-
-    On SQLite the claim (read WAITING, write RUNNING) is not atomic across processes,
-    so workers on one machine take turns under a file lock beside the database.
+    The budget's trials are tried in order, each at most once: a claim costs a write or
+    two whatever the budget. On SQLite the claim (read WAITING, write RUNNING) is not
+    atomic across processes: workers on one machine take turns under a file lock.
     """
     storage, _ = _compat.study_storage(study)
     url = _compat.rdb_url(storage) or ""
@@ -69,7 +64,6 @@ def claim_queued_trial(study: NestedStudy) -> optuna.Trial:
         FileLock(f"{path}.claim.lock") if path is not None else contextlib.nullcontext())
     queue = study._worker_queue
     while queue and not _stop_requested:  # an interrupted worker takes no further trial
-        trial = None
         for attempt in range(5):
             try:
                 with lock:
