@@ -325,6 +325,7 @@ def _running_trials(db: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # ~20 s: the default suite stays under 5 minutes
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "optuna_mlflow_nested", "tune", "--trials", "20",

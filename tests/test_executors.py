@@ -305,6 +305,7 @@ def test_process_pool_worker_killed_mid_trial(tmp_path: Path, tracking_uri: str,
     assert_tree(study, 12)
 
 
+@pytest.mark.slow  # ~10 s: the default suite stays under 5 minutes
 def test_a_workers_claim_does_not_read_the_whole_queued_budget(tmp_path: Path,
                                                               tracking_uri: str) -> None:
     """Each claim took the first WAITING trial through Optuna's ask path, which reads every

@@ -111,6 +111,7 @@ _KILLED_WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # ~12 s: the default suite stays under 5 minutes
 def test_worker_killed_mid_trial_its_run_fails_when_noticed(tmp_path: Path, tracking_uri: str) -> None:
     storage_url = f"sqlite:///{tmp_path / 'optuna.db'}"
     marker = tmp_path / "in-trial-1"
