@@ -65,7 +65,7 @@ def engine(name: str, workers: int, folder: Path):
         from distributed import LocalCluster
 
         # dask-noprofile: Dask's statistical profiler (a thread in each worker sampling
-        # every thread's stack every 10 ms) off, as a recipe for CPU-bound objectives.
+        # every thread's stack every 10 ms) off, to see what it costs a CPU-bound objective.
         profile = {"distributed.worker.profile.enabled": name == "dask"}
         with dask.config.set(profile), \
                 LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,

@@ -41,7 +41,7 @@ from optuna_mlflow_nested.tracking.run_pool import PENDING_RUN_NAME
 if TYPE_CHECKING:
     from optuna_mlflow_nested.study import NestedStudy
 
-__all__ = ["BudgetSpent", "optimize_with_executor", "run_worker"]
+__all__ = ["BudgetSpent", "QueuedBudget", "optimize_with_executor", "run_worker"]
 
 SESSION_TAG = "omn.session"
 
@@ -50,35 +50,36 @@ class BudgetSpent(Exception):
     """Raised by a worker's ``ask`` when the shared budget has no queued trial left."""
 
 
-def claim_queued_trial(study: NestedStudy) -> optuna.Trial:
-    """A queued trial of the shared budget for this worker, or :class:`BudgetSpent`.
+class QueuedBudget:
+    """A worker's share of the budget: the queued trials' ids, each tried once in order (a
+    claim costs a write or two whatever the budget), and the file lock SQLite claims take
+    (read WAITING, write RUNNING is not atomic there across processes)."""
 
-    The budget's trials are tried in order, each at most once: a claim costs a write or
-    two whatever the budget. On SQLite the claim (read WAITING, write RUNNING) is not
-    atomic across processes: workers on one machine take turns under a file lock.
-    """
-    storage, _ = _compat.study_storage(study)
-    url = _compat.rdb_url(storage) or ""
-    path = tracking.clients.sqlite_path(url)
-    lock: contextlib.AbstractContextManager[object] = (
-        FileLock(f"{path}.claim.lock") if path is not None else contextlib.nullcontext())
-    queue = study._worker_queue
-    while queue and not _stop_requested:  # an interrupted worker takes no further trial
-        for attempt in range(5):
-            try:
-                with lock:
-                    trial = _compat.claim_trial(study, queue[0])
-                break
-            except optuna.exceptions.StorageInternalError:
-                # SQLite locked by another writer (heartbeats, a worker killed mid-write);
-                # the failed claim was rolled back, so trying again takes no trial twice.
-                if attempt == 4:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
-        queue.popleft()
-        if trial is not None:
-            return trial
-    raise BudgetSpent(study.study_name)
+    def __init__(self, study: optuna.Study, trial_ids: Sequence[int]) -> None:
+        self._ids = collections.deque(trial_ids)
+        storage, _ = _compat.study_storage(study)
+        path = tracking.clients.sqlite_path(_compat.rdb_url(storage) or "")
+        self._lock: contextlib.AbstractContextManager[object] = (
+            FileLock(f"{path}.claim.lock") if path is not None else contextlib.nullcontext())
+
+    def claim(self, study: optuna.Study) -> optuna.Trial:
+        """A queued trial for this worker, or :class:`BudgetSpent`."""
+        while self._ids and not _stop_requested:  # an interrupted worker takes no more
+            for attempt in range(5):
+                try:
+                    with self._lock:
+                        trial = _compat.claim_trial(study, self._ids[0])
+                    break
+                except optuna.exceptions.StorageInternalError:
+                    # SQLite locked by another writer (heartbeats, a worker killed mid-write):
+                    # the claim was rolled back, so trying again takes no trial twice.
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
+            self._ids.popleft()
+            if trial is not None:
+                return trial
+        raise BudgetSpent(study.study_name)
 
 
 def heartbeat_settings() -> tuple[int, int]:
@@ -193,7 +194,7 @@ def _run_worker(spec: WorkerSpec) -> int:
                        sampler=spec.sampler, pruner=spec.pruner, metric_name=spec.metric_name)
     study.sampler.reseed_rng()  # every worker got the same sampler state
     study._worker_session = spec.session
-    study._worker_queue = collections.deque(spec.queued)
+    study._worker_budget = QueuedBudget(study, spec.queued)
     if spec.trial_inputs:
         study._tracking.trial_inputs = list(spec.trial_inputs)
     before = len(study.get_trials(deepcopy=False))
@@ -282,7 +283,7 @@ def optimize_with_executor(
         catch=catch, callbacks=tuple(callbacks), gc_after_trial=gc_after_trial,
         deadline=None if timeout is None else time.time() + timeout, session=uuid.uuid4().hex,
         trial_inputs=tuple(study._tracking.trial_inputs or ()),
-        queued=tuple(_compat.trial_id(t) for t in sorted(waiting, key=lambda t: t.number)),
+        queued=tuple(_compat.trial_id(t) for t in waiting),  # in number order
     )
     already = len(study.get_trials(deepcopy=False, states=_FINISHED))
     futures = [executor.submit(run_worker, spec, task) for task in range(min(workers, n_trials) or 1)]

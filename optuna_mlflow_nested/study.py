@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from optuna_mlflow_nested._study_setup import check_optimize_args
 from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested.executors import SESSION_TAG
 from optuna_mlflow_nested.executors import BudgetSpent
-from optuna_mlflow_nested.executors import claim_queued_trial
+from optuna_mlflow_nested.executors import QueuedBudget
 from optuna_mlflow_nested.executors import optimize_with_executor
 from optuna_mlflow_nested.samplers import SAMPLER_NAMES
 from optuna_mlflow_nested.samplers import make_sampler
@@ -96,7 +95,7 @@ class NestedStudy(optuna.Study):
         self._omn_local = threading.local()
         #: Set in executor workers: ask() only takes queued trials of the shared budget.
         self._worker_session: str | None = None
-        self._worker_queue: collections.deque[int] = collections.deque()  # its budget's trial ids
+        self._worker_budget: QueuedBudget | None = None  # the queued trials it may take
         if trial_runs is None:
             prepare_writer(tracking_uri)  # its imports take seconds: ready when optimize comes
 
@@ -251,8 +250,8 @@ class NestedStudy(optuna.Study):
         return trial
 
     def _new_trial(self, fixed_distributions: dict[str, BaseDistribution] | None) -> optuna.Trial:
-        if self._worker_session is not None:
-            return claim_queued_trial(self)
+        if self._worker_budget is not None:
+            return self._worker_budget.claim(self)
         return super().ask(fixed_distributions)
 
     def tell(
