@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow
 from mlflow.tracking import MlflowClient
 import optuna
@@ -33,3 +36,20 @@ def test_parallel_trials_against_a_server(mlflow_server, capsys: pytest.CaptureF
     parent = client.get_run(study.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 16
     assert "View run" not in capsys.readouterr().out
+
+
+def test_a_second_optimize_replaces_the_trials_table_on_a_server(mlflow_server,
+                                                                  tmp_path: Path) -> None:
+    # The table goes up through the server's artifact proxy: a later optimize's table
+    # replaces the earlier one there too (MLflow's log_table would append to it).
+    study = omn.create_study("table-again", experiment_name="server-exp",
+                             tracking_uri=mlflow_server.uri, sampler="random", seed=0)
+    for _ in range(2):
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    # (Read directly: MLflow's load_table finds no run through a server here, even for
+    # a table its own log_table wrote.)
+    path = MlflowClient(mlflow_server.uri).download_artifacts(
+        study.parent_run_id, "trials_table.json", str(tmp_path))
+    table = json.loads(Path(path).read_text())
+    numbers = [row[table["columns"].index("number")] for row in table["data"]]
+    assert sorted(numbers) == list(range(6))

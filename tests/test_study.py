@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 from pathlib import Path
 import warnings
@@ -440,6 +441,22 @@ def test_plain_study_parent_summary(tracking_uri: str) -> None:
         run_id=study.parent_run_id, artifact_path="trials_table.json", tracking_uri=tracking_uri
     )).read_text()
     assert '"run_id"' in text and study.child_run_id(best.number) in text
+
+
+def test_the_parents_trials_table_has_one_row_per_trial_after_every_optimize(
+        tracking_uri: str) -> None:
+    # MLflow's log_table appends to a table already logged: each optimize of a study
+    # added the whole table again (3 optimize calls of 4 trials gave 24 rows, not 12).
+    study = omn.create_study("again", tracking_uri=tracking_uri, sampler="random", seed=0)
+    for _ in range(3):
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=4)
+    client = MlflowClient(tracking_uri)
+    table = client.load_table(study.experiment_id, "trials_table.json",
+                              run_ids=[study.parent_run_id])
+    assert sorted(table["number"]) == list(range(12))
+    assert table.set_index("number")["run_id"].to_dict() == study.run_ids()
+    logged = json.loads(client.get_run(study.parent_run_id).data.tags["mlflow.loggedArtifacts"])
+    assert logged == [{"path": "trials_table.json", "type": "table"}]
 
 
 def test_multi_objective_parent_shows_the_pareto_front(tracking_uri: str) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
+import posixpath
+import tempfile
 import time
 from typing import Any
 import warnings
@@ -13,6 +16,7 @@ from mlflow.entities import Metric
 from mlflow.entities import Param
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
@@ -185,9 +189,6 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
     tags, best = _best_tags(study, trials, run_ids)
     parent_tags = client.get_run(run_id).data.tags
     tags[DESCRIPTION_TAG] = _description(study, trials, best, run_ids, parent_tags)
-    items = [RunTag(k, v) for k, v in tags.items()]
-    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
     frame = _compact_frame(study, trials) if compact else study.trials_dataframe()
     client.log_text(run_id, frame.to_csv(index=False), "trials.csv")
     intermediate = {t.number: json.dumps(t.intermediate_values) for t in trials
@@ -197,11 +198,37 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
     for column in table.columns:
         if table[column].dtype.kind in "mMO":  # dates, durations, objects: as text
             table[column] = table[column].astype(str)
-    client.log_table(run_id, data=table, artifact_file="trials_table.json")
+    tags.update(_log_table(client, run_id, table, TABLE_FILE, parent_tags))
+    items = [RunTag(k, v) for k, v in tags.items()]
+    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
     if figures and figures_wanted(len(trials), compact):
         from optuna_mlflow_nested.tracking.figures import log_figures
 
         log_figures(client, run_id, study)
+
+
+#: The parent's trials table, shown by the UI's artifact view as a table.
+TABLE_FILE = "trials_table.json"
+
+
+def _log_table(client: MlflowClient, run_id: str, table: Any, artifact_file: str,
+               run_tags: dict[str, str]) -> dict[str, str]:
+    """Write ``table`` as ``MlflowClient.log_table`` does, replacing an earlier one.
+
+    ``log_table`` appends to a table the run already has (every ``optimize`` of a study
+    would add all its trials again) and downloads it first to do so. Returns the tag
+    that makes the UI show the file as a table, if the run does not have it yet.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, posixpath.basename(artifact_file))
+        table.to_json(path, orient="split", index=False, date_format="iso")  # as log_table
+        client.log_artifact(run_id, path, posixpath.dirname(artifact_file) or None)
+    logged = json.loads(run_tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry in logged:
+        return {}
+    return {MLFLOW_LOGGED_ARTIFACTS: json.dumps([*logged, entry])}
 
 
 def _compact_frame(study: optuna.Study, trials: list[FrozenTrial]) -> Any:
