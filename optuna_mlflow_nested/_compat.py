@@ -50,11 +50,26 @@ class _RetriedStoreErrors(logging.Filter):
     """Drops MLflow's traceback for a store error raised in a thread that retries it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and threading.current_thread().name.startswith(_RETRYING))
+        return not (record.exc_info and (threading.current_thread().name.startswith(_RETRYING)
+                                         or getattr(_retried_here, "on", False)))
 
 
 _RETRYING = ("omn-writer", "omn-runpool", "omn-session")
 _quiet_filter = _RetriedStoreErrors()
+_retried_here = threading.local()
+
+
+@contextlib.contextmanager
+def retried_store_call() -> Iterator[None]:
+    """Inside, the calling thread's store errors are quiet as in the writer's threads:
+    for a call whose failure this project handles (a trial's run then made by its
+    record's writer, with retries)."""
+    quiet_retried_store_errors()
+    _retried_here.on = True
+    try:
+        yield
+    finally:
+        _retried_here.on = False
 
 
 def quiet_retried_store_errors() -> None:

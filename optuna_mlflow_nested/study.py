@@ -22,7 +22,6 @@ from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._study_setup import EXPERIMENT_ATTR
 from optuna_mlflow_nested._study_setup import PARENT_RUN_ATTR
 from optuna_mlflow_nested._study_setup import check_optimize_args
-from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested.executors import SESSION_TAG
 from optuna_mlflow_nested.executors import BudgetSpent
 from optuna_mlflow_nested.executors import QueuedBudget
@@ -93,6 +92,7 @@ class NestedStudy(optuna.Study):
         self._warned_reseed = False
         self._tracker: tracking.TrialTracker | None = None
         self._omn_local = threading.local()
+        self._figures_pending: Callable[[float], bool] | None = None  # drawn elsewhere
         #: Set in executor workers: ask() only takes queued trials of the shared budget.
         self._worker_session: str | None = None
         self._worker_budget: QueuedBudget | None = None  # the queued trials it may take
@@ -104,13 +104,14 @@ class NestedStudy(optuna.Study):
         state = super().__getstate__()
         state.pop("_tracker", None)
         state.pop("_omn_local", None)
+        state.pop("_figures_pending", None)
         return state
-
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         self._tracker = None
         self._omn_local = threading.local()
+        self._figures_pending = None
 
     @property
     def _tracking(self) -> tracking.TrialTracker:
@@ -367,27 +368,26 @@ class NestedStudy(optuna.Study):
                         mended += 1
         return mended
 
-    def _finish(self, status: str | None) -> None:
-        # Optuna's storage holds the results: a tracking server that is away must not
-        # turn a finished search into an exception. ``status=None``: summary only.
+    def wait_for_figures(self, timeout: float = 300.0) -> bool:
+        """Wait until the parent run has the figures of the last ``optimize``.
+
+        ``optimize`` returns once every trial's run and the parent's summary are
+        written; the two figures are drawn in the writer process and land a fraction of
+        a second later, also if this process exits or is killed first.
+
+        Returns:
+            ``True`` when they are logged (or none were due), ``False`` if still being
+            drawn after ``timeout`` seconds.
+        """
+        pending = self._figures_pending
+        if pending is not None and pending(timeout):
+            self._figures_pending = pending = None
+        return pending is None
+
+    def _finish(self, status: str | None) -> None:  # status None: the summary only
         self._tracking.warn_if_unsaved(stacklevel=4)
-        compact = self.trial_runs is not None
-        # Big searches (compact) used no writer process: their figures are drawn here.
-        drawing = None if compact else figures.start_elsewhere(
-            self._client, self.tracking_uri, self.parent_run_id, self)
-        for step in (self.reconcile,
-                     lambda: parent_run.log_parent_summary(self._client, self.parent_run_id, self,
-                                                           self.run_ids(), figures=drawing is None,
-                                                           compact=compact),
-                     drawing or (lambda: None),
-                     lambda: status is None or tracking.set_run_status(self._client,
-                                                                       self.parent_run_id, status)):
-            try:
-                step()
-            except Exception as exc:
-                warnings.warn(f"could not update the parent run {self.parent_run_id}: "
-                              f"{redact_secrets(exc)}", RuntimeWarning, stacklevel=3)
-                return
+        self.wait_for_figures(timeout=0)  # not waited for: the writer process draws in order
+        self._figures_pending = parent_run.finish_search(self, status)
 
 
 def __getattr__(name: str) -> Any:

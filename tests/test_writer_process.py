@@ -127,6 +127,54 @@ def test_sigkill_after_tell_loses_no_told_trial(tmp_path: Path, tracking_uri: st
             assert run.data.metrics["value"] == pytest.approx(told[number].value)
 
 
+STARTING_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, mlflow, optuna
+    import optuna_mlflow_nested as omn
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = omn.create_study("starting", tracking_uri=sys.argv[1], sampler="random", seed=0)
+    writer = WriterProcess.get()._proc.pid
+    os.kill(writer, signal.SIGSTOP)  # the writer process is still starting up
+
+    def objective(trial):
+        if trial.number == 5:
+            print("READY", WriterProcess.get().ready, flush=True)
+            os.kill(writer, signal.SIGCONT)
+            os.kill(os.getpid(), signal.SIGKILL)
+        mlflow.log_metric("inside", trial.number)
+        return trial.suggest_float("x", -1, 1) ** 2
+
+    study.optimize(objective, n_trials=10)
+""")
+
+
+@pytest.mark.slow
+def test_trials_run_while_the_writer_process_starts_and_nothing_is_lost_if_killed(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # The first trials of a fresh process do not wait for the writer process's imports
+    # (seconds): their runs are made here, their records wait in the pipe. When the
+    # objective's process is killed before the writer process is up, the writer process
+    # found its parent gone when it said it was ready, and died with the records unread.
+    script = tmp_path / "starting.py"
+    script.write_text(STARTING_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), tracking_uri], capture_output=True,
+                          text=True, timeout=240,
+                          env={k: v for k, v in os.environ.items() if k != "OMN_WRITER"})
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert done.stdout.split() == ["READY", "False"]  # five trials ran before it was up
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("starting")
+    deadline = time.monotonic() + 120  # the writer process delivers after its parent died
+    while True:
+        runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
+        if len(runs) >= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert sorted(r.data.metrics["inside"] for r in runs) == [0, 1, 2, 3, 4]
+    assert sorted(r.info.run_name for r in runs) == [f"trial-{n}" for n in range(5)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("writer", ["process", "threads"])
 def test_trials_faster_than_the_store_are_named_at_run_time_and_nothing_is_lost(
@@ -214,33 +262,52 @@ def test_no_spare_run_outlives_a_session_that_closes_right_after_its_last_trial(
 
 
 FIGURES_SCRIPT = textwrap.dedent("""
-    import sys, optuna
-    from mlflow.tracking import MlflowClient
+    import os, signal, sys, optuna
     import optuna_mlflow_nested as omn
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = omn.create_study("figs", tracking_uri=sys.argv[1], sampler="random", seed=0)
     study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2 + t.suggest_float("y", 0, 1),
                    n_trials=8)
-    names = sorted(a.path for a in MlflowClient(sys.argv[1]).list_artifacts(study.parent_run_id))
-    print("ARTIFACTS", names)
-    print("MATPLOTLIB", "matplotlib" in sys.modules)
+    print("PARENT", study.parent_run_id)
+    print("WRITER", WriterProcess.get()._proc.pid)
+    print("MATPLOTLIB", "matplotlib" in sys.modules, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # right after optimize returned
 """)
+
+
+def _wait_until_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            # An orphan whose new parent does not reap it stays a zombie: gone too.
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @pytest.mark.slow
 def test_the_writer_process_draws_the_parents_figures(tmp_path: Path, tracking_uri: str) -> None:
     # Matplotlib never loads in the objective's process: its import and the drawing
-    # (the slowest part of the parent's summary) happen in the writer process, and the
-    # figures are on the parent when optimize returns.
+    # (the slowest part of the parent's summary) happen in the writer process, which
+    # optimize does not wait for. They land even when the objective's process is killed
+    # right after optimize returns: the writer process finishes them, then exits.
     script = tmp_path / "figs.py"
     script.write_text(FIGURES_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "OMN_WRITER"}
     done = subprocess.run([sys.executable, str(script), tracking_uri], capture_output=True,
                           text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "MATPLOTLIB False" in done.stdout, done.stdout
-    assert "'optimization_history.png'" in done.stdout and "'param_importances.png'" in done.stdout
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    said = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert said["MATPLOTLIB"] == "False", done.stdout
+    assert _wait_until_gone(int(said["WRITER"]), 120)
+    names = {a.path for a in MlflowClient(tracking_uri).list_artifacts(said["PARENT"])}
+    assert {"optimization_history.png", "param_importances.png", "trials.csv"} <= names
     assert "could not draw" not in done.stderr
 
 

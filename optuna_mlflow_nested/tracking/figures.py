@@ -101,13 +101,16 @@ def study_from_snapshot(snapshot: dict[str, Any]) -> optuna.Study:
 
 
 def start_elsewhere(client: MlflowClient, tracking_uri: str, run_id: str,
-                    study: optuna.Study) -> Callable[[], None] | None:
-    """Start drawing the figures in the writer process, if it is in use.
+                    study: optuna.Study) -> Callable[[float], bool] | None:
+    """Start drawing the figures in the writer process, if it is in use, and return.
 
-    Returns a call that waits for them (and draws them here if the writer process could
-    not), or ``None``: the summary draws them here. Matplotlib then never loads in the
-    objective's process, and the drawing (the slowest part of the parent's summary)
-    overlaps the summary's other writes.
+    Returns a call that waits up to its argument's seconds for them (and draws them here
+    if the writer process could not), or ``None``: the summary draws them here.
+    Matplotlib then never loads in the objective's process, and ``optimize`` does not
+    wait for the drawing (the slowest part of the parent's summary, about 0.2 s): the
+    writer process draws one study's figures in the order asked, and finishes them
+    before it exits, also when this process has exited or was killed meanwhile (it
+    reads the end of its pipe, then finishes what it was sent).
     """
     from optuna_mlflow_nested.tracking.parent import figures_wanted
     from optuna_mlflow_nested.tracking.tracker import uses_writer_process
@@ -123,9 +126,16 @@ def start_elsewhere(client: MlflowClient, tracking_uri: str, run_id: str,
     except Exception as exc:
         _logger.debug("figures stay in this process: %s", redact_secrets(exc))
         return None
+    outcome: list[bool] = []
 
-    def wait() -> None:
-        if process.reply(token, 300.0) is not True:
-            log_figures(client, run_id, study)  # the writer process could not: draw here
+    def wait(timeout: float) -> bool:
+        if not outcome:
+            drawn = process.reply(token, timeout)
+            if drawn is None and process.alive():
+                return False  # still drawing: ask again later
+            if drawn is not True:
+                log_figures(client, run_id, study)  # the writer process could not: draw here
+            outcome.append(True)
+        return True
 
     return wait

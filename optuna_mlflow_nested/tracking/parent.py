@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from optuna_mlflow_nested._utils import param_value
 from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested._utils import safe_mapping
 from optuna_mlflow_nested._utils import tag_value
+from optuna_mlflow_nested.tracking.clients import get_client
 from optuna_mlflow_nested.tracking.clients import set_run_status
 from optuna_mlflow_nested.tracking.records import ROLE_TAG
 from optuna_mlflow_nested.tracking.records import STUDY_TAG
@@ -250,3 +252,35 @@ def _compact_frame(study: optuna.Study, trials: list[FrozenTrial]) -> Any:
         row.update({f"user_attrs_{k}": v for k, v in t.user_attrs.items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def finish_search(study: Any, status: str | None) -> Callable[[float], bool] | None:
+    """The end of a ``NestedStudy.optimize``, once, in the calling process: reconcile,
+    the parent's summary, its status (``None``: left as it is).
+
+    Optuna's storage holds the results: a tracking server that is away must not turn a
+    finished search into an exception (a warning says what could not be written).
+
+    Returns:
+        A wait for the figures being drawn in the writer process (see
+        :func:`~optuna_mlflow_nested.tracking.figures.start_elsewhere`), or ``None``:
+        drawn here with the summary, or none due.
+    """
+    from optuna_mlflow_nested.tracking import figures
+
+    client, run_id = get_client(study.tracking_uri), study.parent_run_id
+    compact = study.trial_runs is not None
+    # Big searches (compact) use no writer process: their figures are drawn here.
+    pending = None if compact else figures.start_elsewhere(client, study.tracking_uri,
+                                                           run_id, study)
+    for step in (study.reconcile,
+                 lambda: log_parent_summary(client, run_id, study, study.run_ids(),
+                                            figures=pending is None, compact=compact),
+                 lambda: status is None or set_run_status(client, run_id, status)):
+        try:
+            step()
+        except Exception as exc:
+            warnings.warn(f"could not update the parent run {run_id}: {redact_secrets(exc)}",
+                          RuntimeWarning, stacklevel=4)
+            break
+    return pending

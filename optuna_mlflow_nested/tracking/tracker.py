@@ -149,7 +149,8 @@ class TrialTracker:
                 tracking_uri=self.tracking_uri, experiment_id=self.experiment_id,
                 parent_run_id=self.parent_run_id, study_name=self.study_name, spare=workers + 1,
                 threads=self._threads, spool_path=str(self._spool.path),
-                retry_deadline=self._retry.deadline, pool_tags=self._pool_tags)
+                retry_deadline=self._retry.deadline, pool_tags=self._pool_tags,
+                create_run=self._create_run)
             self._writer = self._pool = session  # type: ignore[assignment]
         else:
             self._writer = Writer(self._client, self._threads, self._spool, self._retry)
@@ -219,11 +220,16 @@ class TrialTracker:
         pool = self._pool
         if pool is not None:
             return pool.take(self._run_wait)
+        return self._create_run()
+
+    def _create_run(self) -> Run | None:
+        """A new run for a trial, made now in this process (as the run pool makes them)."""
         try:
-            return self._client.create_run(
-                self.experiment_id, run_name=PENDING_RUN_NAME,
-                tags={MLFLOW_PARENT_RUN_ID: self.parent_run_id, STUDY_TAG: self.study_name,
-                      ROLE_TAG: "trial"})
+            with _compat.retried_store_call():
+                return self._client.create_run(
+                    self.experiment_id, run_name=PENDING_RUN_NAME,
+                    tags={MLFLOW_PARENT_RUN_ID: self.parent_run_id, STUDY_TAG: self.study_name,
+                          ROLE_TAG: "trial", **(self._pool_tags or {})})
         except Exception:
             return None  # the record creates it later, or goes to the spool
 

@@ -11,6 +11,7 @@ the parent is gone (the pipe ends), it delivers what it has, then exits.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 import contextlib
 import logging
 from multiprocessing.connection import Connection
@@ -34,7 +35,9 @@ def _serve(receive: Connection, reply: Connection) -> None:
     reply_lock = threading.Lock()
 
     def send(kind: str, key: str, payload: Any) -> None:
-        with reply_lock:
+        # The parent may be gone (killed right after its last hand-off, even before this
+        # process was up): what it sent is still delivered, so nothing here may fail.
+        with reply_lock, contextlib.suppress(OSError):
             reply.send((kind, key, payload))
 
     class Session:
@@ -126,7 +129,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
 
     warnings.showwarning = forward  # the user sees them in their own process (repeat_warnings)
     sessions: dict[str, Session] = {}
-    jobs: list[threading.Thread] = []
+    drawing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omn-session-figures")
     send("ready", "", None)
     while True:
         try:
@@ -152,11 +155,8 @@ def _serve(receive: Connection, reply: Connection) -> None:
             from optuna_mlflow_nested.tracking.figures import warm_up_here  # matplotlib's
 
             warm_up_here()  # imports now
-        elif kind == "figures":
-            job = threading.Thread(target=draw_figures, args=(key, *message[2:5]),
-                                   name="omn-session-figures", daemon=True)
-            job.start()
-            jobs[:] = [j for j in jobs if j.is_alive()] + [job]
+        elif kind == "figures":  # one at a time, in the order asked: a later search's
+            drawing.submit(draw_figures, key, *message[2:5])  # figures are never overwritten
         elif kind == "took":
             if key in sessions:
                 sessions[key].taken.add(message[2])
@@ -172,8 +172,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
             send("reply", token, outcome)
     for session in sessions.values():
         session.close([], 120.0)
-    for job in jobs:  # figures a parent that has gone asked for still land
-        job.join(timeout=120)
+    drawing.shutdown(wait=True)  # figures a parent that has gone asked for still land
 
 
 def main(argv: list[str]) -> None:

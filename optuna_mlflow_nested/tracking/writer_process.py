@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import collections
+from collections.abc import Callable
 import contextlib
 from multiprocessing.connection import Connection
 import os
@@ -129,6 +130,11 @@ class WriterProcess:
                     self._replies[key] = payload
                 self._cond.notify_all()
 
+    @property
+    def ready(self) -> bool:
+        """Whether the child has started (imported what it needs) and reads messages."""
+        return self._ready
+
     def wait_ready(self, timeout: float = _START_TIMEOUT) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._ready or not self.alive(), timeout) \
@@ -209,13 +215,19 @@ class ProcessSession:
 
     def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str,
                  study_name: str, spare: int, threads: int, spool_path: str,
-                 retry_deadline: float, pool_tags: dict[str, str] | None) -> None:
+                 retry_deadline: float, pool_tags: dict[str, str] | None,
+                 create_run: Callable[[], Run | None]) -> None:
+        """``create_run`` makes a trial's run in this process, while the writer process
+        is still starting (its imports take seconds in a fresh process): the first
+        trials then do not wait for it. Their records are handed off all the same; the
+        writer process reads them once it is up."""
         self._process = WriterProcess.get()
         self._id = uuid.uuid4().hex
         self._retry_deadline = retry_deadline
+        self._create_run = create_run
         self.unsaved: list[RunRecord] = []
         self._given_back: collections.deque[Run] = collections.deque()  # see put_back
-        if not self._process.wait_ready():
+        if not self._process.alive():
             raise RuntimeError("the writer process did not start")
         self._process.send("open", self._id, dict(
             tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
@@ -233,6 +245,8 @@ class ProcessSession:
     def take(self, timeout: float) -> Run | None:
         with contextlib.suppress(IndexError):
             return self._given_back.popleft()
+        if not self._process.ready and self._process.alive():
+            return self._create_run()
         run = self._process.take_run(self._id, timeout)
         if run is not None:  # the child pushes another spare and knows this one is taken
             self._process.send("took", self._id, run.info.run_id)
