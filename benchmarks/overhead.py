@@ -294,9 +294,10 @@ def breakdown(uri: str, n: int) -> None:
              (study_module, "reconcile_study", "reconcile"),
              (parent, "log_parent_summary", "parent summary (with writer threads: and figures)"),
              (figures, "log_figures", "the two figures, drawn here"),
-             (writer_process.WriterProcess, "reply", "waits for the writer process (its close, "
-                                                     "then the figures drawn there)"),
-             (tracking, "set_run_status", "parent status")]
+             (writer_process.WriterProcess, "reply", "waits for the writer process (its close; "
+                                                     "the figures drawn there are not waited for)"),
+             (parent, "set_run_status", "parent status (also its reopening at the start)"),
+             (parent, "finish_search", "after the flush, in all")]
     for owner, name, label in steps:
         timed(owner, name, label)
     print(f"\nBreakdown (SQLite, {n} trials of the 50 ms objective):")

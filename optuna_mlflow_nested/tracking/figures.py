@@ -21,17 +21,17 @@ _figure_imports: threading.Thread | None = None
 
 
 def warm_up_figures() -> None:
-    """Load matplotlib while trials run (about 0.5 s saved at the end), where the figures
-    will be drawn: in the writer process when it is in use, else here."""
+    """Load matplotlib while trials run (about 0.5 s saved at the end), when the figures
+    will be drawn in this process (writer threads).
+
+    Not in the writer process: ``optimize`` does not wait for the figures drawn there,
+    and importing matplotlib while the first search's writes arrive slowed them (a cold
+    search cost 24-29 against 18 ms per trial, ``benchmarks/overhead.py --breakdown``).
+    """
     from optuna_mlflow_nested.tracking.tracker import uses_writer_process
 
     if not uses_writer_process():
         warm_up_here()
-        return
-    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
-
-    with contextlib.suppress(Exception):  # no writer process: the figures are drawn here
-        WriterProcess.get().send("warm", "", None)
 
 
 def warm_up_here() -> None:
@@ -108,9 +108,11 @@ def start_elsewhere(client: MlflowClient, tracking_uri: str, run_id: str,
     if the writer process could not), or ``None``: the summary draws them here.
     Matplotlib then never loads in the objective's process, and ``optimize`` does not
     wait for the drawing (the slowest part of the parent's summary, about 0.2 s): the
-    writer process draws one study's figures in the order asked, and finishes them
-    before it exits, also when this process has exited or was killed meanwhile (it
-    reads the end of its pipe, then finishes what it was sent).
+    writer process draws figures one request at a time, in the order asked, skipping a
+    request of a study that has asked again since (a loop of short searches draws
+    only the newest), and finishes them before it exits, also when this process has
+    exited or was killed meanwhile (it reads the end of its pipe, then finishes what
+    it was sent).
     """
     from optuna_mlflow_nested.tracking.parent import figures_wanted
     from optuna_mlflow_nested.tracking.tracker import uses_writer_process

@@ -2,7 +2,7 @@
 :class:`~optuna_mlflow_nested.tracking.writer_process.WriterProcess` starts.
 
 It reads the parent's messages from a pipe (``open``, ``record``, ``took``, ``flush``,
-``close``, ``figures``, ``prepare``, ``warm``) and answers on another (``ready``,
+``close``, ``figures``, ``prepare``) and answers on another (``ready``,
 ``run``, ``reply``, ``lag``, ``health``, ``warn``). Each session (one ``optimize``) has
 the same :class:`~optuna_mlflow_nested.tracking.writer.Writer` and
 :class:`~optuna_mlflow_nested.tracking.run_pool.RunPool` as the in-process path. When
@@ -104,10 +104,17 @@ def _serve(receive: Connection, reply: Connection) -> None:
             drained = self.writer.close(timeout=timeout)
             return drained, list(self.writer.unsaved)
 
+    newest: dict[str, str] = {}  # parent run -> its latest figures request
+    newest_lock = threading.Lock()
+
     def draw_figures(token: str, tracking_uri: str, run_id: str, snapshot: dict[str, Any]) -> None:
         from optuna_mlflow_nested.tracking.figures import log_figures
         from optuna_mlflow_nested.tracking.figures import study_from_snapshot
 
+        with newest_lock:
+            if newest.get(run_id) != token:  # a later optimize of the study asked since
+                send("reply", token, True)  # (a loop of short searches): its figures replace these
+                return
         done = False
         try:
             log_figures(get_client(tracking_uri), run_id, study_from_snapshot(snapshot))
@@ -116,6 +123,9 @@ def _serve(receive: Connection, reply: Connection) -> None:
             logging.getLogger(__name__).warning("could not draw the figures here: %s",
                                                 redact_secrets(exc))
         finally:
+            with newest_lock:
+                if newest.get(run_id) == token:
+                    del newest[run_id]
             send("reply", token, done)
 
     show = warnings.showwarning
@@ -151,12 +161,10 @@ def _serve(receive: Connection, reply: Connection) -> None:
         elif kind == "prepare":  # a study was made: its optimize is likely to come
             with contextlib.suppress(Exception):  # the session says what is wrong, if it must
                 get_client(message[2])
-        elif kind == "warm":  # a search began whose summary draws figures here: pay
-            from optuna_mlflow_nested.tracking.figures import warm_up_here  # matplotlib's
-
-            warm_up_here()  # imports now
         elif kind == "figures":  # one at a time, in the order asked: a later search's
-            drawing.submit(draw_figures, key, *message[2:5])  # figures are never overwritten
+            with newest_lock:  # figures are never overwritten by older ones
+                newest[message[3]] = key
+            drawing.submit(draw_figures, key, *message[2:5])
         elif kind == "took":
             if key in sessions:
                 sessions[key].taken.add(message[2])
