@@ -336,6 +336,9 @@ def _tune(
                            show_progress_bar=show_progress_bar)
     if not finish:
         return study
+    # The finish starts from a whole parent: the search's figures drawn, or their failure
+    # (a server gone) said now rather than in the middle of the finish's own output.
+    study.wait_for_figures()
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         raise RuntimeError(f"study {study.study_name!r} has no completed trial to finish with")
     return finish_job(study, common, X_train, y_train, X_val, y_val, X_test, y_test,

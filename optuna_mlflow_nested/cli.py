@@ -314,6 +314,7 @@ def _run_sync(args: argparse.Namespace) -> int:
                     optuna.storages.fail_stale_trials(study)  # trials of workers that died
                 mended = study.reconcile(create_missing=True, orphan_age=args.grace_period)
                 study._finish(_parent_status_after_sync(study))
+                study.wait_for_figures()  # a failure to draw them is said before the result
                 print(f"study {args.study_name}: {mended} run(s) written to match Optuna's "
                       "storage")
         except Exception as exc:
