@@ -306,6 +306,18 @@ def breakdown(uri: str, n: int) -> None:
              (parent, "finish_search", "after the flush, in all")]
     for owner, name, label in steps:
         timed(owner, name, label)
+    # ours() waits for the figures after its timing: that wait is no step of optimize.
+    waiting = study_module.NestedStudy.wait_for_figures
+
+    def untimed(*args, **kwargs):
+        before = dict(spent)
+        try:
+            return waiting(*args, **kwargs)
+        finally:
+            spent.clear()
+            spent.update(before)
+
+    study_module.NestedStudy.wait_for_figures = untimed
     print(f"\nBreakdown (SQLite, {n} trials of the 50 ms objective):")
     print("| search | overhead (ms/trial) | " + " | ".join(s[2] for s in steps) + " |")
     print("| --- " * (len(steps) + 2) + "|")

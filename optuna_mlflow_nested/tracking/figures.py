@@ -26,7 +26,7 @@ def warm_up_figures() -> None:
 
     Not in the writer process: ``optimize`` does not wait for the figures drawn there,
     and importing matplotlib while the first search's writes arrive slowed them (a cold
-    search cost 24-29 against 18 ms per trial, ``benchmarks/overhead.py --breakdown``).
+    search cost 36-47 against 18-22 ms per trial, ``benchmarks/RESULTS.md``).
     """
     from optuna_mlflow_nested.tracking.tracker import uses_writer_process
 
@@ -128,16 +128,12 @@ def start_elsewhere(client: MlflowClient, tracking_uri: str, run_id: str,
     except Exception as exc:
         _logger.debug("figures stay in this process: %s", redact_secrets(exc))
         return None
-    outcome: list[bool] = []
-
-    def wait(timeout: float) -> bool:
-        if not outcome:
-            drawn = process.reply(token, timeout)
-            if drawn is None and process.alive():
-                return False  # still drawing: ask again later
-            if drawn is not True:
-                log_figures(client, run_id, study)  # the writer process could not: draw here
-            outcome.append(True)
+    def wait(timeout: float) -> bool:  # the study drops it once it returned True
+        drawn = process.reply(token, timeout)
+        if drawn is None and process.alive():
+            return False  # still drawing: ask again later
+        if drawn is not True:
+            log_figures(client, run_id, study)  # the writer process could not: draw here
         return True
 
     return wait

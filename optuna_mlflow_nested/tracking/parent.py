@@ -6,9 +6,6 @@ import collections
 from collections.abc import Callable
 import json
 import math
-import os
-import posixpath
-import tempfile
 import time
 from typing import Any
 import warnings
@@ -200,7 +197,11 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
     for column in table.columns:
         if table[column].dtype.kind in "mMO":  # dates, durations, objects: as text
             table[column] = table[column].astype(str)
-    tags.update(_log_table(client, run_id, table, TABLE_FILE, parent_tags))
+    # Not MlflowClient.log_table: it appends to the table the run already has (every
+    # optimize of a study would add all its trials again), downloading it first.
+    client.log_text(run_id, table.to_json(orient="split", index=False, date_format="iso"),
+                    TABLE_FILE)
+    tags.update(_table_tag(parent_tags))
     items = [RunTag(k, v) for k, v in tags.items()]
     for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
@@ -214,23 +215,12 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
 TABLE_FILE = "trials_table.json"
 
 
-def _log_table(client: MlflowClient, run_id: str, table: Any, artifact_file: str,
-               run_tags: dict[str, str]) -> dict[str, str]:
-    """Write ``table`` as ``MlflowClient.log_table`` does, replacing an earlier one.
-
-    ``log_table`` appends to a table the run already has (every ``optimize`` of a study
-    would add all its trials again) and downloads it first to do so. Returns the tag
-    that makes the UI show the file as a table, if the run does not have it yet.
-    """
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, posixpath.basename(artifact_file))
-        table.to_json(path, orient="split", index=False, date_format="iso")  # as log_table
-        client.log_artifact(run_id, path, posixpath.dirname(artifact_file) or None)
+def _table_tag(run_tags: dict[str, str]) -> dict[str, str]:
+    """The tag ``log_table`` sets so that the UI shows :data:`TABLE_FILE` as a table, if
+    the run does not have it yet."""
     logged = json.loads(run_tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
-    entry = {"path": artifact_file, "type": "table"}
-    if entry in logged:
-        return {}
-    return {MLFLOW_LOGGED_ARTIFACTS: json.dumps([*logged, entry])}
+    entry = {"path": TABLE_FILE, "type": "table"}
+    return {} if entry in logged else {MLFLOW_LOGGED_ARTIFACTS: json.dumps([*logged, entry])}
 
 
 def _compact_frame(study: optuna.Study, trials: list[FrozenTrial]) -> Any:

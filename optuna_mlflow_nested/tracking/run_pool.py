@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -23,6 +24,16 @@ _logger = logging.getLogger(__name__)
 PENDING_RUN_NAME = "trial-pending"
 
 
+def create_pending_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
+                       study_name: str, tags: dict[str, str] | None = None) -> Run:
+    """A child run for a trial not known yet (named :data:`PENDING_RUN_NAME` until the
+    trial's record renames it)."""
+    return client.create_run(
+        experiment_id, run_name=PENDING_RUN_NAME,
+        tags={MLFLOW_PARENT_RUN_ID: parent_run_id, STUDY_TAG: study_name, ROLE_TAG: "trial",
+              **(tags or {})})
+
+
 class RunPool:
     """Background threads keep ``spare`` fresh child runs ready for the next trials."""
 
@@ -30,9 +41,8 @@ class RunPool:
                  study_name: str, spare: int, threads: int,
                  tags: dict[str, str] | None = None) -> None:
         self._client = client
-        self._experiment_id = experiment_id
-        self._tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, STUDY_TAG: study_name, ROLE_TAG: "trial",
-                      **(tags or {})}
+        self._new_run = functools.partial(create_pending_run, client, experiment_id,
+                                          parent_run_id, study_name, tags)
         self._spare = spare
         _compat.quiet_retried_store_errors()  # a failed creation is tried again
         self._ready: collections.deque[Run] = collections.deque()
@@ -58,8 +68,7 @@ class RunPool:
                 self._creating += 1
             run: Run | None
             try:
-                run = self._client.create_run(self._experiment_id, tags=self._tags,
-                                              run_name=PENDING_RUN_NAME)
+                run = self._new_run()
             except Exception as exc:
                 _logger.debug("creating a spare run failed: %s", redact_secrets(exc))
                 run = None

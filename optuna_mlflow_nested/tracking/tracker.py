@@ -23,7 +23,6 @@ import warnings
 import weakref
 
 from mlflow.entities import Run
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import optuna
 from optuna.trial import FrozenTrial
 
@@ -34,12 +33,10 @@ from optuna_mlflow_nested.tracking.clients import discard_runs
 from optuna_mlflow_nested.tracking.clients import get_client
 from optuna_mlflow_nested.tracking.clients import short_http_retries
 from optuna_mlflow_nested.tracking.delivery import RetryPolicy
-from optuna_mlflow_nested.tracking.records import ROLE_TAG
-from optuna_mlflow_nested.tracking.records import STUDY_TAG
 from optuna_mlflow_nested.tracking.records import as_failed
 from optuna_mlflow_nested.tracking.records import trial_record
-from optuna_mlflow_nested.tracking.run_pool import PENDING_RUN_NAME
 from optuna_mlflow_nested.tracking.run_pool import RunPool
+from optuna_mlflow_nested.tracking.run_pool import create_pending_run
 from optuna_mlflow_nested.tracking.spool import Spool
 from optuna_mlflow_nested.tracking.spool import default_spool_path
 from optuna_mlflow_nested.tracking.writer import Writer
@@ -226,10 +223,8 @@ class TrialTracker:
         """A new run for a trial, made now in this process (as the run pool makes them)."""
         try:
             with _compat.retried_store_call():
-                return self._client.create_run(
-                    self.experiment_id, run_name=PENDING_RUN_NAME,
-                    tags={MLFLOW_PARENT_RUN_ID: self.parent_run_id, STUDY_TAG: self.study_name,
-                          ROLE_TAG: "trial", **(self._pool_tags or {})})
+                return create_pending_run(self._client, self.experiment_id, self.parent_run_id,
+                                          self.study_name, self._pool_tags)
         except Exception:
             return None  # the record creates it later, or goes to the spool
 
