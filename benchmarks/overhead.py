@@ -296,14 +296,16 @@ def breakdown(uri: str, n: int) -> None:
 
     from optuna_mlflow_nested.tracking import writer_process
 
-    steps = [(tracking.TrialTracker, "stop", "flush the writer, delete spare runs"),
+    steps = [(tracking.TrialTracker, "stop", "flush the writer, delete spare runs (the "
+              "summary is written meanwhile)"),
              (study_module, "reconcile_study", "reconcile"),
              (parent, "log_parent_summary", "parent summary (with writer threads: and figures)"),
              (figures, "log_figures", "the two figures, drawn here"),
              (writer_process.WriterProcess, "reply", "waits for the writer process (its close; "
                                                      "the figures drawn there are not waited for)"),
              (parent, "set_run_status", "parent status (also its reopening at the start)"),
-             (parent, "finish_search", "after the flush, in all")]
+             (parent.SearchEnd, "write_summary", "the summary during the flush"),
+             (parent.SearchEnd, "finish", "after the flush, in all")]
     for owner, name, label in steps:
         timed(owner, name, label)
     # ours() waits for the figures after its timing: that wait is no step of optimize.

@@ -22,7 +22,6 @@ import warnings
 import mlflow
 from mlflow.entities import Metric
 from mlflow.entities import RunTag
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
 import numpy as np
 import pandas as pd
@@ -33,6 +32,7 @@ from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested._utils import tag_value
 from optuna_mlflow_nested.tracking.parent import MODEL_URI_TAG
 from optuna_mlflow_nested.tracking.parent import REGISTERED_TAG
+from optuna_mlflow_nested.tracking.parent import log_in_batches
 from optuna_mlflow_nested.tracking.parent import refresh_description
 
 if TYPE_CHECKING:
@@ -242,8 +242,7 @@ def _log_finish(study: NestedStudy, model: Any, best: dict[str, Any], curve: Seq
 
     now = int(time.time() * 1000)
     history = [Metric("early_stopping_val_rmse", float(v), now, i) for i, v in enumerate(curve)]
-    for i in range(0, len(history), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=history[i : i + MAX_METRICS_PER_BATCH], synchronous=True)
+    log_in_batches(client, run_id, history, [])
     final = {**best, "iterations": int(metrics["tree_count"]), "model_uri": info.model_uri}
     client.log_text(run_id, json.dumps(final, indent=2), "final_params.json")
     client.log_figure(run_id, _plot(model, X_plot, y_plot, plot_name, Figure),

@@ -28,7 +28,6 @@ from optuna_mlflow_nested.executors import QueuedBudget
 from optuna_mlflow_nested.executors import optimize_with_executor
 from optuna_mlflow_nested.samplers import SAMPLER_NAMES
 from optuna_mlflow_nested.samplers import make_sampler
-from optuna_mlflow_nested.tracking import figures
 from optuna_mlflow_nested.tracking import parent as parent_run
 from optuna_mlflow_nested.tracking.delivery import equals_clause
 from optuna_mlflow_nested.tracking.reconcile import reconcile_study
@@ -177,13 +176,11 @@ class NestedStudy(optuna.Study):
             )
         worker = self._worker_session is not None  # a task of an executor optimize
         catch = tuple(catch) if isinstance(catch, Iterable) else (catch,)
+        ending = None
         if not worker:
-            budget = {"n_trials": n_trials, "timeout": timeout, "n_jobs": n_jobs,
-                      "executor": type(executor).__name__ if executor is not None else None}
-            with tracking.short_http_retries(self.tracking_uri):
-                parent_run.mark_parent_running(self._client, self.parent_run_id, budget)
-            if self.trial_runs is None:  # big searches: no import competing for the GIL
-                figures.warm_up_figures()
+            parent_run.start_search(self, n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
+                                    executor=executor)
+            ending = parent_run.SearchEnd(self)
         status = "FAILED"
         try:
             if executor is not None:
@@ -193,7 +190,7 @@ class NestedStudy(optuna.Study):
                     show_progress_bar=show_progress_bar, executor=executor, n_workers=n_workers)
             else:
                 self._optimize_here(func, n_trials, timeout, n_jobs, catch, callbacks,
-                                    gc_after_trial, show_progress_bar)
+                                    gc_after_trial, show_progress_bar, ending)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -202,13 +199,15 @@ class NestedStudy(optuna.Study):
             if not worker:
                 # MLflow's own HTTP retries last minutes per call: keep them short here too.
                 with tracking.short_http_retries(self.tracking_uri):
-                    self._finish(status)
+                    self._finish(status, ending)
 
     def _optimize_here(self, func: ObjectiveFunc, n_trials: int | None, timeout: float | None,
                        n_jobs: int, catch: tuple[type[Exception], ...],
                        callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] | None,
-                       gc_after_trial: bool, show_progress_bar: bool) -> None:
-        """Optuna's optimize in this process, every trial in its child run; flushed after."""
+                       gc_after_trial: bool, show_progress_bar: bool,
+                       ending: parent_run.SearchEnd | None = None) -> None:
+        """Optuna's optimize in this process, every trial in its child run; flushed after
+        (meanwhile, ``ending`` writes the parent's summary)."""
         tracker = self._tracking
         if self.trial_runs is not None and tracker.fallback_run is None:
             # Trials without a run of their own log into the parent, not a stray run.
@@ -216,7 +215,7 @@ class NestedStudy(optuna.Study):
         self._omn_local.optimizing = True
         with tracking.global_tracking_uri(self.tracking_uri), \
                 tracking.short_http_retries(self.tracking_uri):
-            tracker.start(n_jobs)
+            tracker.start(n_jobs, n_trials)
             try:
                 super().optimize(
                     tracker.wrap(func), n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
@@ -228,7 +227,7 @@ class NestedStudy(optuna.Study):
             finally:
                 self._omn_local.optimizing = False
                 tracker.close_open_trials(self)
-                tracker.stop()
+                tracker.stop(meanwhile=ending.write_summary if ending else None)
 
     def _callbacks(self, tracker: tracking.TrialTracker,
                    callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] | None,
@@ -384,10 +383,11 @@ class NestedStudy(optuna.Study):
             self._figures_pending = pending = None
         return pending is None
 
-    def _finish(self, status: str | None) -> None:  # status None: the summary only
+    def _finish(self, status: str | None,  # status None: the summary only
+                ending: parent_run.SearchEnd | None = None) -> None:
         self._tracking.warn_if_unsaved(stacklevel=4)
         self.wait_for_figures(timeout=0)  # not waited for: the writer process draws in order
-        self._figures_pending = parent_run.finish_search(self, status)
+        self._figures_pending = (ending or parent_run.SearchEnd(self)).finish(status)
 
 
 def __getattr__(name: str) -> Any:

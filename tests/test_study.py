@@ -461,6 +461,60 @@ def test_the_parents_trials_table_has_one_row_per_trial_after_every_optimize(
     assert logged == [{"path": "trials_table.json", "type": "table"}]
 
 
+def test_best_value_is_stepped_at_the_corners_of_the_running_best(tracking_uri: str) -> None:
+    # Every step was one metric row (about 0.3 ms each on SQLite, on optimize's return
+    # path); MLflow's charts join points with lines, so the corners draw the same chart.
+    values = [5.0, 6.0, 3.0, 4.0, 4.0, 1.0, 2.0, 0.5, 0.7]
+    study = omn.create_study("corners", tracking_uri=tracking_uri, sampler="random", seed=0)
+    objective = lambda t: values[t.number] + 0 * t.suggest_float("x", 0, 1)  # noqa: E731
+    study.optimize(objective, n_trials=7)
+    client = MlflowClient(tracking_uri)
+
+    def history() -> list[tuple[int, float]]:
+        points = client.get_metric_history(study.parent_run_id, "best_value")
+        return sorted((m.step, m.value) for m in points)
+
+    assert history() == [(0, 5.0), (1, 5.0), (2, 3.0), (4, 3.0), (5, 1.0), (6, 1.0)]
+    study.optimize(objective, n_trials=2)  # only new corners are added, none twice
+    assert history() == [(0, 5.0), (1, 5.0), (2, 3.0), (4, 3.0), (5, 1.0), (6, 1.0),
+                         (7, 0.5), (8, 0.5)]
+
+
+@pytest.mark.parametrize("writer", ["process", "threads"])
+def test_a_search_with_a_known_budget_makes_no_spare_run_to_delete(
+        tracking_uri: str, writer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The run pool made runs ahead past the budget, then ended and deleted them when
+    # optimize returned (two store calls each, on its return path): 9 trials, 13 runs.
+    monkeypatch.setenv("OMN_WRITER", writer)
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    if writer == "process":  # started: runs made while it starts are counted
+        assert WriterProcess.get().wait_ready()
+    study = omn.create_study("budget", tracking_uri=tracking_uri)
+    study.optimize(quadratic, n_trials=6)
+    study.optimize(quadratic, n_trials=3, n_jobs=2)
+    everything = MlflowClient(tracking_uri).search_runs(
+        [study.experiment_id], f"tags.mlflow.parentRunId = '{study.parent_run_id}'",
+        run_view_type=ViewType.ALL)
+    assert sorted(r.info.run_name for r in everything) == sorted(f"trial-{i}" for i in range(9))
+    assert {r.info.lifecycle_stage for r in everything} == {"active"}
+
+
+def test_the_parents_metrics_and_tags_go_in_batches_within_mlflows_limits(
+        tracking_uri: str) -> None:
+    from mlflow.entities import Metric
+    from mlflow.entities import RunTag
+
+    from optuna_mlflow_nested.tracking.parent import log_in_batches
+
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("batches")).info.run_id
+    log_in_batches(client, run_id, [Metric("m", float(i), 0, i) for i in range(1500)],
+                   [RunTag(f"t{i}", str(i)) for i in range(150)])
+    assert len(client.get_metric_history(run_id, "m")) == 1500
+    assert {f"t{i}" for i in range(150)} <= set(client.get_run(run_id).data.tags)
+
+
 def test_multi_objective_parent_shows_the_pareto_front(tracking_uri: str) -> None:
     study = omn.create_study("front", tracking_uri=tracking_uri, sampler="random", seed=0,
                              directions=["minimize", "minimize"])

@@ -16,6 +16,7 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
 import optuna
@@ -82,6 +83,18 @@ def running_best(study: optuna.Study, trials: list[FrozenTrial]) -> list[tuple[i
             best = min(best, sign * trial.value)
             history.append((trial.number, sign * best))
     return history
+
+
+def corner_points(history: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The steps of a running best that draw the same line in MLflow's charts, which
+    join points with straight lines: the first and last, and both ends of each jump.
+
+    Most of a search's trials do not improve on the best; each point is a row that a
+    SQLite store inserts one by one (about 0.3 ms each here).
+    """
+    last = len(history) - 1
+    return [point for i, point in enumerate(history)
+            if i in (0, last) or point[1] != history[i - 1][1] or point[1] != history[i + 1][1]]
 
 
 def _best_tags(study: optuna.Study, trials: list[FrozenTrial],
@@ -163,7 +176,9 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
                        compact: bool = False) -> None:
     """The parent's running ``best_value``, counts per state, best trial, table, figures.
 
-    Only steps not yet logged are added to ``best_value``, so calling this after each
+    ``best_value`` is stepped by trial number at the :func:`corner_points` of the
+    running best (its chart is the same as with every step). Only steps not yet
+    logged are added to it, so calling this after each
     ``optimize`` (or from several workers) never duplicates history. ``compact`` (big
     searches): ``best_value`` only where it improves, parameter importances as
     metrics, and figures only up to :data:`FIGURE_LIMIT` trials.
@@ -174,6 +189,8 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
     history = running_best(study, trials)
     if compact:
         history = [(s, v) for i, (s, v) in enumerate(history) if i == 0 or v != history[i - 1][1]]
+    else:
+        history = corner_points(history)
     metrics = [Metric("best_value", value, now, step) for step, value in history
                if step not in logged]
     counts = collections.Counter(t.state for t in trials)
@@ -181,34 +198,44 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
                         (TrialState.FAIL, "n_failed")]:
         metrics.append(Metric(name, float(counts.get(state, 0)), now, 0))
     metrics.append(Metric("n_trials", float(len(trials)), now, 0))
-    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH], synchronous=True)
+    tags: dict[str, str] = {}
+    if trials:
+        tags, best = _best_tags(study, trials, run_ids)
+        parent_tags = client.get_run(run_id).data.tags
+        tags[DESCRIPTION_TAG] = _description(study, trials, best, run_ids, parent_tags)
+        frame = _compact_frame(study, trials) if compact else study.trials_dataframe()
+        client.log_text(run_id, frame.to_csv(index=False), "trials.csv")
+        intermediate = {t.number: json.dumps(t.intermediate_values) for t in trials
+                        if t.intermediate_values}
+        table = frame.assign(run_id=frame["number"].map(run_ids),
+                             intermediate_values=frame["number"].map(intermediate))
+        for column in table.columns:
+            if table[column].dtype.kind in "mMO":  # dates, durations, objects: as text
+                table[column] = table[column].astype(str)
+        # Not MlflowClient.log_table: it appends to the table the run already has (every
+        # optimize of a study would add all its trials again), downloading it first.
+        client.log_text(run_id, table.to_json(orient="split", index=False, date_format="iso"),
+                        TABLE_FILE)
+        tags.update(_table_tag(parent_tags))
+    # Metrics and tags in as few calls as MLflow's batch limits allow (one, mostly):
+    # each call is a transaction of several statements on a SQLite store.
+    log_in_batches(client, run_id, metrics, [RunTag(k, v) for k, v in tags.items()])
     if not trials:
         return
-    tags, best = _best_tags(study, trials, run_ids)
-    parent_tags = client.get_run(run_id).data.tags
-    tags[DESCRIPTION_TAG] = _description(study, trials, best, run_ids, parent_tags)
-    frame = _compact_frame(study, trials) if compact else study.trials_dataframe()
-    client.log_text(run_id, frame.to_csv(index=False), "trials.csv")
-    intermediate = {t.number: json.dumps(t.intermediate_values) for t in trials
-                    if t.intermediate_values}
-    table = frame.assign(run_id=frame["number"].map(run_ids),
-                         intermediate_values=frame["number"].map(intermediate))
-    for column in table.columns:
-        if table[column].dtype.kind in "mMO":  # dates, durations, objects: as text
-            table[column] = table[column].astype(str)
-    # Not MlflowClient.log_table: it appends to the table the run already has (every
-    # optimize of a study would add all its trials again), downloading it first.
-    client.log_text(run_id, table.to_json(orient="split", index=False, date_format="iso"),
-                    TABLE_FILE)
-    tags.update(_table_tag(parent_tags))
-    items = [RunTag(k, v) for k, v in tags.items()]
-    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
     if figures and figures_wanted(len(trials), compact):
         from optuna_mlflow_nested.tracking.figures import log_figures
 
         log_figures(client, run_id, study)
+
+
+def log_in_batches(client: MlflowClient, run_id: str, metrics: list[Metric],
+                   tags: list[RunTag]) -> None:
+    """``log_batch`` calls, each as full as MLflow allows (its per-batch limits)."""
+    while metrics or tags:
+        tag_part = tags[:MAX_PARAMS_TAGS_PER_BATCH]
+        metric_part = metrics[: min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(tag_part))]
+        client.log_batch(run_id, metrics=metric_part, tags=tag_part, synchronous=True)
+        metrics, tags = metrics[len(metric_part):], tags[len(tag_part):]
 
 
 #: The parent's trials table, shown by the UI's artifact view as a table.
@@ -244,33 +271,87 @@ def _compact_frame(study: optuna.Study, trials: list[FrozenTrial]) -> Any:
     return pd.DataFrame(rows)
 
 
-def finish_search(study: Any, status: str | None) -> Callable[[float], bool] | None:
-    """The end of a ``NestedStudy.optimize``, once, in the calling process: reconcile,
-    the parent's summary, its status (``None``: left as it is).
+def start_search(study: Any, *, n_trials: int | None, timeout: float | None, n_jobs: int,
+                 executor: Any) -> None:
+    """The start of a ``NestedStudy.optimize``, in the calling process: the budget on the
+    parent run, which is reopened (RUNNING)."""
+    from optuna_mlflow_nested.tracking import figures
+    from optuna_mlflow_nested.tracking.clients import short_http_retries
+
+    if executor is None and study.trial_runs is None:
+        # The writer process makes the first trial's run while this process records
+        # the budget (2 cores: both at once).
+        study._tracking.start(n_jobs, n_trials)
+    budget = {"n_trials": n_trials, "timeout": timeout, "n_jobs": n_jobs,
+              "executor": type(executor).__name__ if executor is not None else None}
+    with short_http_retries(study.tracking_uri):
+        mark_parent_running(get_client(study.tracking_uri), study.parent_run_id, budget)
+    if study.trial_runs is None:  # big searches: no import competing for the GIL
+        figures.warm_up_figures()
+
+
+class SearchEnd:
+    """The end of a ``NestedStudy.optimize``, once, in the calling process: the parent's
+    summary, reconcile, the figures, the parent's status.
 
     Optuna's storage holds the results: a tracking server that is away must not turn a
-    finished search into an exception (a warning says what could not be written).
-
-    Returns:
-        A wait for the figures being drawn in the writer process (see
-        :func:`~optuna_mlflow_nested.tracking.figures.start_elsewhere`), or ``None``:
-        drawn here with the summary, or none due.
+    finished search into an exception (a warning says what could not be written, and
+    the steps after it are skipped).
     """
-    from optuna_mlflow_nested.tracking import figures
 
-    client, run_id = get_client(study.tracking_uri), study.parent_run_id
-    compact = study.trial_runs is not None
-    # Big searches (compact) use no writer process: their figures are drawn here.
-    pending = None if compact else figures.start_elsewhere(client, study.tracking_uri,
-                                                           run_id, study)
-    for step in (study.reconcile,
-                 lambda: log_parent_summary(client, run_id, study, study.run_ids(),
-                                            figures=pending is None, compact=compact),
-                 lambda: status is None or set_run_status(client, run_id, status)):
+    def __init__(self, study: Any) -> None:
+        self.study = study
+        self.client = get_client(study.tracking_uri)
+        self.compact = study.trial_runs is not None
+        self._summary: bool | None = None  # written early: True, or failed (warned)
+
+    def _step(self, step: Callable[[], Any]) -> bool:
         try:
             step()
+            return True
         except Exception as exc:
-            warnings.warn(f"could not update the parent run {run_id}: {redact_secrets(exc)}",
-                          RuntimeWarning, stacklevel=4)
-            break
-    return pending
+            warnings.warn(f"could not update the parent run {self.study.parent_run_id}: "
+                          f"{redact_secrets(exc)}", RuntimeWarning, stacklevel=5)
+            return False
+
+    def _log_summary(self, figures: bool) -> None:
+        study = self.study
+        log_parent_summary(self.client, study.parent_run_id, study, study.run_ids(),
+                           figures=figures, compact=self.compact)
+
+    def write_summary(self) -> None:
+        """The summary without its figures, while the writer process still delivers the
+        last trials' records (2 cores: both at once). Every trial's run exists by then,
+        and reconcile changes no trial's run, except under ``trial_runs=K``, where it
+        makes the K best trials' runs first (the summary then waits for :meth:`finish`).
+        """
+        if not self.compact and self._summary is None:
+            self._summary = self._step(lambda: self._log_summary(figures=False))
+
+    def finish(self, status: str | None) -> Callable[[float], bool] | None:
+        """Reconcile, the summary (unless :meth:`write_summary` wrote it), the figures
+        and the parent's status (``None``: left as it is).
+
+        Returns:
+            A wait for the figures being drawn in the writer process (see
+            :func:`~optuna_mlflow_nested.tracking.figures.start_elsewhere`), or ``None``:
+            drawn here with the summary, or none due.
+        """
+        from optuna_mlflow_nested.tracking import figures
+
+        study, run_id = self.study, self.study.parent_run_id
+        if self._summary is False:
+            return None  # the store failed (warned): the figures would fail too
+        # Big searches (compact) use no writer process: their figures are drawn here.
+        pending = None if self.compact else figures.start_elsewhere(
+            self.client, study.tracking_uri, run_id, study)
+        steps: list[Callable[[], Any]] = [study.reconcile]
+        if self._summary is None:
+            steps.append(lambda: self._log_summary(figures=pending is None))
+        if status is not None:
+            steps.append(lambda: set_run_status(self.client, run_id, status))
+        for step in steps:
+            if not self._step(step):
+                break
+        return pending
+

@@ -35,15 +35,20 @@ def create_pending_run(client: MlflowClient, experiment_id: str, parent_run_id: 
 
 
 class RunPool:
-    """Background threads keep ``spare`` fresh child runs ready for the next trials."""
+    """Background threads keep ``spare`` fresh child runs ready for the next trials.
+
+    ``limit``: the most runs it creates in all (``optimize``'s ``n_trials``), so that a
+    search whose budget is known leaves no spare run to end and delete at its close.
+    """
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str,
                  study_name: str, spare: int, threads: int,
-                 tags: dict[str, str] | None = None) -> None:
+                 tags: dict[str, str] | None = None, limit: int | None = None) -> None:
         self._client = client
         self._new_run = functools.partial(create_pending_run, client, experiment_id,
                                           parent_run_id, study_name, tags)
         self._spare = spare
+        self._left = limit  # runs it may still create (None: no limit)
         _compat.quiet_retried_store_errors()  # a failed creation is tried again
         self._ready: collections.deque[Run] = collections.deque()
         self._waiting: collections.deque[object] = collections.deque()
@@ -61,11 +66,14 @@ class RunPool:
     def _fill(self) -> None:
         while True:
             with self._cond:
-                while len(self._ready) + self._creating >= self._spare and not self._stop.is_set():
+                while ((len(self._ready) + self._creating >= self._spare or self._left == 0)
+                       and not self._stop.is_set()):
                     self._cond.wait()
                 if self._stop.is_set():
                     return
                 self._creating += 1
+                if self._left is not None:
+                    self._left -= 1
             run: Run | None
             try:
                 run = self._new_run()
@@ -77,12 +85,28 @@ class RunPool:
                 self.healthy = run is not None
                 if run is not None:
                     self._ready.append(run)
+                elif self._left is not None:
+                    self._left += 1  # tried again
                 self._cond.notify_all()
             if run is None:
                 self._stop.wait(1.0)
 
+    @property
+    def exhausted(self) -> bool:
+        """Whether every run of the ``limit`` was made and taken: no run will come."""
+        with self._cond:
+            return self._left == 0 and not self._ready and not self._creating
+
+    def lower_limit(self, made_elsewhere: int) -> None:
+        """``made_elsewhere`` runs of the budget were created without the pool."""
+        with self._cond:
+            if self._left is not None:
+                self._left = max(0, self._left - made_elsewhere)
+            self._cond.notify_all()
+
     def take(self, timeout: float) -> Run | None:
-        """A fresh run, or ``None`` if none could be had in time.
+        """A fresh run, or ``None`` if none could be had in time (or the pool is
+        :attr:`exhausted`).
 
         Waits up to ``timeout`` seconds while run creation works, and only briefly
         while the tracking server is away (the trial then runs without a live run and
@@ -94,8 +118,9 @@ class RunPool:
             self._waiting.append(ticket)
             try:
                 while not (self._ready and self._waiting[0] is ticket):
-                    if self._stop.is_set():
-                        return None  # closed: no run will come
+                    if self._stop.is_set() or (self._left == 0 and not self._creating
+                                               and not self._ready):
+                        return None  # closed or exhausted: no run will come
                     if not self.healthy:
                         deadline = min(deadline, time.monotonic() + 0.5)
                     left = deadline - time.monotonic()

@@ -132,8 +132,9 @@ class TrialTracker:
         self._lag_warned = False
 
     # lifecycle -------------------------------------------------------------------
-    def start(self, n_jobs: int = 1) -> None:
-        """Background run creation and writing, for ``optimize``."""
+    def start(self, n_jobs: int = 1, n_trials: int | None = None) -> None:
+        """Background run creation and writing, for ``optimize`` (``n_trials``: its
+        budget, if known: no more runs are made ahead than it needs)."""
         if self._writer is not None:
             return
         self._lag_warned = False
@@ -147,25 +148,33 @@ class TrialTracker:
                 parent_run_id=self.parent_run_id, study_name=self.study_name, spare=workers + 1,
                 threads=self._threads, spool_path=str(self._spool.path),
                 retry_deadline=self._retry.deadline, pool_tags=self._pool_tags,
-                create_run=self._create_run)
+                create_run=self._create_run, limit=n_trials)
             self._writer = self._pool = session  # type: ignore[assignment]
         else:
             self._writer = Writer(self._client, self._threads, self._spool, self._retry)
             self._pool = RunPool(self._client, self.experiment_id, self.parent_run_id,
                                  self.study_name, spare=workers + 1, threads=self._threads,
-                                 tags=self._pool_tags)
+                                 tags=self._pool_tags, limit=n_trials)
         _live_trackers.add(self)
 
-    def stop(self) -> None:
-        """Deliver (or spool) every queued write and delete unused spare runs."""
+    def stop(self, meanwhile: Callable[[], None] | None = None) -> None:
+        """Deliver (or spool) every queued write and delete unused spare runs; call
+        ``meanwhile`` while the writer process delivers (before, with writer threads)."""
         pool, writer = self._pool, self._writer
         self._pool = self._writer = None
         try:
             if pool is not None and pool is not writer:
                 pool.close()
-            if writer is not None:
-                writer.close(timeout=self._retry.deadline + 30)
+            if writer is not None and pool is writer:  # the writer process
+                writer.close(timeout=self._retry.deadline + 30,  # type: ignore[call-arg]
+                             meanwhile=meanwhile)
                 self._inline.unsaved.extend(writer.unsaved)
+            else:
+                if meanwhile is not None:
+                    meanwhile()
+                if writer is not None:
+                    writer.close(timeout=self._retry.deadline + 30)
+                    self._inline.unsaved.extend(writer.unsaved)
         finally:
             self._http_retries.close()
             _live_trackers.discard(self)
@@ -216,7 +225,11 @@ class TrialTracker:
         """A run for the next trial (``None`` if the tracking server is away)."""
         pool = self._pool
         if pool is not None:
-            return pool.take(self._run_wait)
+            run = pool.take(self._run_wait)
+            if run is not None or not getattr(pool, "exhausted", False):
+                return run
+            # More trials than the budget the pool was sized for (a failed ask's run is
+            # reused, so this is rare): made here, as outside optimize.
         return self._create_run()
 
     def _create_run(self) -> Run | None:

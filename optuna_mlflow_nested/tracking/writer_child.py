@@ -1,7 +1,7 @@
 """The writer process's own side: what runs in the child that
 :class:`~optuna_mlflow_nested.tracking.writer_process.WriterProcess` starts.
 
-It reads the parent's messages from a pipe (``open``, ``record``, ``took``, ``flush``,
+It reads the parent's messages from a pipe (``open``, ``record``, ``took``, ``made``, ``flush``,
 ``close``, ``figures``, ``prepare``) and answers on another (``ready``,
 ``run``, ``reply``, ``lag``, ``health``, ``warn``). Each session (one ``optimize``) has
 the same :class:`~optuna_mlflow_nested.tracking.writer.Writer` and
@@ -49,7 +49,8 @@ def _serve(receive: Connection, reply: Connection) -> None:
                                 # one of the spare runs waits in the parent: as many
                                 # made ahead in all as with writer threads
                                 options["study_name"], spare=max(1, options["spare"] - 1),
-                                threads=options["threads"], tags=options["pool_tags"])
+                                threads=options["threads"], tags=options["pool_tags"],
+                                limit=options.get("limit"))
             self.client = client
             self.credit = threading.Semaphore(1)
             self.closed = threading.Event()
@@ -73,7 +74,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
                     continue
                 with self.push_lock:
                     run = None
-                    while run is None and not self.closed.is_set():
+                    while run is None and not self.closed.is_set() and not self.pool.exhausted:
                         run = self.pool.take(1.0)  # returns at once when the pool closes
                         self.report_health(run is not None or self.pool.healthy)
                     if run is None:
@@ -165,6 +166,9 @@ def _serve(receive: Connection, reply: Connection) -> None:
             with newest_lock:  # figures are never overwritten by older ones
                 newest[message[3]] = key
             drawing.submit(draw_figures, key, *message[2:5])
+        elif kind == "made":  # the parent made a run itself (this process was starting)
+            if key in sessions:
+                sessions[key].pool.lower_limit(1)
         elif kind == "took":
             if key in sessions:
                 sessions[key].taken.add(message[2])

@@ -216,23 +216,27 @@ class ProcessSession:
     def __init__(self, *, tracking_uri: str, experiment_id: str, parent_run_id: str,
                  study_name: str, spare: int, threads: int, spool_path: str,
                  retry_deadline: float, pool_tags: dict[str, str] | None,
-                 create_run: Callable[[], Run | None]) -> None:
+                 create_run: Callable[[], Run | None], limit: int | None = None) -> None:
         """``create_run`` makes a trial's run in this process, while the writer process
         is still starting (its imports take seconds in a fresh process): the first
         trials then do not wait for it. Their records are handed off all the same; the
-        writer process reads them once it is up."""
+        writer process reads them once it is up. ``limit``: the most runs the session
+        needs (``n_trials``); past it, runs are made here too."""
         self._process = WriterProcess.get()
         self._id = uuid.uuid4().hex
         self._retry_deadline = retry_deadline
         self._create_run = create_run
         self.unsaved: list[RunRecord] = []
         self._given_back: collections.deque[Run] = collections.deque()  # see put_back
+        self._limit = limit
+        self._handed = 0  # runs taken from the child or made here
+        self._handed_lock = threading.Lock()  # n_jobs > 1: trials take runs in threads
         if not self._process.alive():
             raise RuntimeError("the writer process did not start")
         self._process.send("open", self._id, dict(
             tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
             study_name=study_name, spare=spare, threads=threads, spool_path=spool_path,
-            retry_deadline=retry_deadline, pool_tags=pool_tags))
+            retry_deadline=retry_deadline, pool_tags=pool_tags, limit=limit))
 
     def put(self, record: RunRecord) -> None:
         self._process.send("record", self._id, record)
@@ -245,8 +249,16 @@ class ProcessSession:
     def take(self, timeout: float) -> Run | None:
         with contextlib.suppress(IndexError):
             return self._given_back.popleft()
-        if not self._process.ready and self._process.alive():
-            return self._create_run()
+        with self._handed_lock:
+            spent = self._limit is not None and self._handed >= self._limit
+            starting = not self._process.ready and self._process.alive()
+            if not spent:  # counted now: a thread that comes later sees it
+                self._handed += 1
+        if spent or starting:
+            run = self._create_run()
+            if not spent:  # one fewer for the child to make (or a spare it deletes)
+                self._process.send("made", self._id)
+            return run
         run = self._process.take_run(self._id, timeout)
         if run is not None:  # the child pushes another spare and knows this one is taken
             self._process.send("took", self._id, run.info.run_id)
@@ -260,12 +272,19 @@ class ProcessSession:
         reply = self._process.request("flush", self._id, timeout=timeout or 1e9)
         return reply is not None and bool(reply)
 
-    def close(self, timeout: float | None = None) -> bool:
+    def close(self, timeout: float | None = None,
+              meanwhile: Callable[[], None] | None = None) -> bool:
+        """Deliver the session's records and end it; ``meanwhile`` runs here while the
+        child delivers."""
         self._process.forget(self._id)
         given_back = [r.info.run_id for r in self._given_back]  # taken, yet no trial's
         self._given_back.clear()
-        reply = self._process.request("close", self._id, given_back,
-                                      timeout=(timeout or self._retry_deadline) + 30)
+        token = self._process.submit("close", self._id, given_back)
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            reply = self._process.reply(token, timeout=(timeout or self._retry_deadline) + 30)
         self._process.repeat_warnings()
         if reply is None:
             return False
