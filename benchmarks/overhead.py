@@ -79,11 +79,32 @@ def _python_work(repeats: int) -> float:
 
 def calibrate(seconds: float = 0.1) -> None:
     """A fixed amount of work per trial (~``seconds`` here, alone), not a time budget:
-    CPU time would also count the writer's threads and shorten the objective."""
+    CPU time would also count the writer's threads and shorten the objective. The median
+    of five timings: one alone was seen 4x off on this machine (the first BLAS call)."""
     for kind, work, unit in (("numpy", _numpy_work, 10), ("python", _python_work, 100_000)):
+        timings = []
+        for _ in range(5):
+            start = time.perf_counter()
+            work(unit)
+            timings.append(time.perf_counter() - start)
+        _WORK[kind] = max(1, int(unit * seconds / statistics.median(timings)))
+
+
+class Timed:
+    """An objective that adds up the time spent inside it: the rest of a search's wall
+    time is the per-trial machinery (Optuna's, and the tracking's on the trial's path
+    and at the end), apart from how fast the machine ran the objective's own work."""
+
+    def __init__(self, objective) -> None:
+        self.objective = objective
+        self.inside = 0.0
+
+    def __call__(self, trial: optuna.Trial) -> float:
         start = time.perf_counter()
-        work(unit)
-        _WORK[kind] = max(1, int(unit * seconds / (time.perf_counter() - start)))
+        try:
+            return self.objective(trial)
+        finally:
+            self.inside += time.perf_counter() - start
 
 
 def numpy_bound(trial: optuna.Trial) -> float:
@@ -245,6 +266,11 @@ class Row(NamedTuple):
     legacy_ms: float
     cold_ours_ms: float
     cold_legacy_ms: float
+    ours_outside_ms: float  # warm medians, outside the objective (see Timed)
+    legacy_outside_ms: float
+    ours_slower_ms: float  # the objective's own time per trial, over bare Optuna's
+    legacy_slower_ms: float
+    objective_ms: float  # bare Optuna's objective, per trial (median)
 
 
 def _values(values: list[float]) -> str:
@@ -255,20 +281,43 @@ def side_by_side(label: str, uri: str, n: int, repeats: int, sleepy=sleepy) -> R
     """Cold: the first run of each in this process (imports, caches, a fresh store).
     Warm: then ``repeats`` rounds of bare, ours, MLflowCallback, interleaved so that
     machine noise hits all three alike; the medians are reported. ``sleepy``: the
-    objective (sleeping by default)."""
+    objective (sleeping by default).
+
+    Besides the overhead on the wall time, each warm round splits it (see
+    :class:`Timed`): outside the objective, and the objective's own time over bare
+    Optuna's in the same round (the work slowed by what runs beside it, or by the
+    machine's speed drifting between the runs: on a noisy machine the wall-time
+    overhead of a CPU-bound objective moves by several ms a trial from round to round).
+    """
     base = (bare(sleepy, n) + bare(sleepy, n)) / 2 / n * 1000
     cold_ours = ours(sleepy, n, uri) / n * 1000 - base
     cold_legacy = legacy(sleepy, n, uri) / n * 1000 - base
-    warm_ours, warm_legacy = [], []
+    warm: dict[str, list[float]] = {}
+
+    def run(name: str, call) -> tuple[float, float]:
+        timed = Timed(sleepy)
+        elapsed = call(timed)
+        return (elapsed - timed.inside) / n * 1000, timed.inside / n * 1000
+
     for _ in range(repeats):
-        base = bare(sleepy, n) / n * 1000
-        warm_ours.append(ours(sleepy, n, uri) / n * 1000 - base)
-        warm_legacy.append(legacy(sleepy, n, uri) / n * 1000 - base)
-    row = Row(label, statistics.median(warm_ours), statistics.median(warm_legacy),
-              cold_ours, cold_legacy)
+        base_outside, base_inside = run("bare", lambda f: bare(f, n))
+        warm.setdefault("objective", []).append(base_inside)
+        for name, call in (("ours", lambda f: ours(f, n, uri)),
+                           ("legacy", lambda f: legacy(f, n, uri))):
+            outside, inside = run(name, call)
+            warm.setdefault(name, []).append(outside + inside - base_outside - base_inside)
+            warm.setdefault(f"{name} outside", []).append(outside - base_outside)
+            warm.setdefault(f"{name} slower", []).append(inside - base_inside)
+    med = {k: statistics.median(v) for k, v in warm.items()}
+    row = Row(label, med["ours"], med["legacy"], cold_ours, cold_legacy, med["ours outside"],
+              med["legacy outside"], med["ours slower"], med["legacy slower"], med["objective"])
     print(f"  {label}: cold ours +{cold_ours:.2f} ms, MLflowCallback +{cold_legacy:.2f} ms; "
-          f"warm (median of {repeats}) ours +{row.ours_ms:.2f} ms [{_values(warm_ours)}], "
-          f"MLflowCallback +{row.legacy_ms:.2f} ms [{_values(warm_legacy)}]", flush=True)
+          f"warm (median of {repeats}) ours +{row.ours_ms:.2f} ms [{_values(warm['ours'])}], "
+          f"MLflowCallback +{row.legacy_ms:.2f} ms [{_values(warm['legacy'])}]; outside the "
+          f"objective ours [{_values(warm['ours outside'])}], MLflowCallback "
+          f"[{_values(warm['legacy outside'])}]; the objective's own time over bare's: ours "
+          f"[{_values(warm['ours slower'])}], MLflowCallback [{_values(warm['legacy slower'])}]; "
+          f"bare's objective [{_values(warm['objective'])}] ms a trial", flush=True)
     return row
 
 
@@ -412,6 +461,15 @@ def main() -> None:
               f"{row.cold_ours_ms / row.cold_legacy_ms:.3f} |")
         print(f"| {row.store} | warm (median) | {row.ours_ms:.2f} | {row.legacy_ms:.2f} | "
               f"{row.ours_ms / row.legacy_ms:.3f} |")
+    print("\nThe warm rounds split (medians, ms a trial): outside the objective, and the "
+          "objective's own time over bare Optuna's in the same round")
+    print("| tracking store, objective, writer | bare's objective | outside: ours | outside: "
+          "MLflowCallback | ratio | objective slower: ours | objective slower: MLflowCallback |")
+    print("| --- " * 7 + "|")
+    for row in rows:
+        print(f"| {row.store} | {row.objective_ms:.1f} | {row.ours_outside_ms:.2f} | "
+              f"{row.legacy_outside_ms:.2f} | {row.ours_outside_ms / row.legacy_outside_ms:.3f} | "
+              f"{row.ours_slower_ms:+.2f} | {row.legacy_slower_ms:+.2f} |")
     if args.handoff:
         def handoff_row(uri: str) -> list[float]:
             ours(sleepy, 5, uri)  # warm
