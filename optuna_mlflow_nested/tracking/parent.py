@@ -354,4 +354,3 @@ class SearchEnd:
             if not self._step(step):
                 break
         return pending
-
