@@ -16,6 +16,7 @@ def quadratic(trial: optuna.Trial) -> float:
     return (trial.suggest_float("x", -2, 2) - 0.5) ** 2 + trial.suggest_int("k", 0, 3)
 
 
+@pytest.mark.slow  # ~13 s: the default suite stays under 5 minutes on 2 cores
 def test_report_structure_and_mlflow_tree(tracking_uri: str, tmp_path: Path) -> None:
     grid = {"x": [-2.0, -1.0, 0.0, 1.0, 2.0, 0.5], "k": [0]}
     report = omn.compare_samplers(quadratic, samplers=("tpe", "random", "grid"), n_trials=6,
@@ -75,6 +76,7 @@ def test_bad_arguments(tracking_uri: str) -> None:
                              tracking_uri=tracking_uri, progress=False)
 
 
+@pytest.mark.slow  # ~7 s: the default suite stays under 5 minutes on 2 cores
 def test_benchmark_command_on_a_catboost_problem(tmp_path: Path) -> None:
     args = ["benchmark", "--problems", "wide", "--samplers", "tpe,grid,qmc", "--trials", "3",
             "--seeds", "2", "--tuning-iterations", "10", "--out", str(tmp_path / "out")]

@@ -480,7 +480,7 @@ def test_best_value_is_stepped_at_the_corners_of_the_running_best(tracking_uri: 
                          (7, 0.5), (8, 0.5)]
 
 
-@pytest.mark.parametrize("writer", ["process", "threads"])
+@pytest.mark.parametrize("writer", ["process", pytest.param("threads", marks=pytest.mark.slow)])
 def test_a_search_with_a_known_budget_makes_no_spare_run_to_delete(
         tracking_uri: str, writer: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # The run pool made runs ahead past the budget, then ended and deleted them when
@@ -498,6 +498,25 @@ def test_a_search_with_a_known_budget_makes_no_spare_run_to_delete(
         run_view_type=ViewType.ALL)
     assert sorted(r.info.run_name for r in everything) == sorted(f"trial-{i}" for i in range(9))
     assert {r.info.lifecycle_stage for r in everything} == {"active"}
+
+
+@pytest.mark.parametrize("writer", ["process", "threads"])
+def test_the_parent_gets_its_summary_and_figures_with_either_writer(
+        tracking_uri: str, writer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the writer process, the summary is written while it delivers the last
+    # records; writer threads must still get the figures drawn in this process (a
+    # review found them missing when the summary was written early there too).
+    monkeypatch.setenv("OMN_WRITER", writer)
+    study = omn.create_study("figures", tracking_uri=tracking_uri, sampler="random", seed=0)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_int("n", 0, 3), n_trials=6)
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(study.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 6
+    assert parent.data.tags["best_trial"] == str(study.best_trial.number)
+    assert study.wait_for_figures(timeout=120)
+    artifacts = {a.path for a in client.list_artifacts(study.parent_run_id)}
+    assert {"trials.csv", "trials_table.json", "optimization_history.png",
+            "param_importances.png"} <= artifacts
 
 
 def test_the_parents_metrics_and_tags_go_in_batches_within_mlflows_limits(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+import contextlib
 import json
 import math
 import time
@@ -203,25 +204,26 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
         tags, best = _best_tags(study, trials, run_ids)
         parent_tags = client.get_run(run_id).data.tags
         tags[DESCRIPTION_TAG] = _description(study, trials, best, run_ids, parent_tags)
-        frame = _compact_frame(study, trials) if compact else study.trials_dataframe()
-        client.log_text(run_id, frame.to_csv(index=False), "trials.csv")
-        intermediate = {t.number: json.dumps(t.intermediate_values) for t in trials
-                        if t.intermediate_values}
-        table = frame.assign(run_id=frame["number"].map(run_ids),
-                             intermediate_values=frame["number"].map(intermediate))
-        for column in table.columns:
-            if table[column].dtype.kind in "mMO":  # dates, durations, objects: as text
-                table[column] = table[column].astype(str)
-        # Not MlflowClient.log_table: it appends to the table the run already has (every
-        # optimize of a study would add all its trials again), downloading it first.
-        client.log_text(run_id, table.to_json(orient="split", index=False, date_format="iso"),
-                        TABLE_FILE)
         tags.update(_table_tag(parent_tags))
-    # Metrics and tags in as few calls as MLflow's batch limits allow (one, mostly):
-    # each call is a transaction of several statements on a SQLite store.
+    # Metrics and tags first (an artifact store that fails loses only the files), in as
+    # few calls as MLflow's batch limits allow (one, mostly): each call is a transaction
+    # of several statements on a SQLite store.
     log_in_batches(client, run_id, metrics, [RunTag(k, v) for k, v in tags.items()])
     if not trials:
         return
+    frame = _compact_frame(study, trials) if compact else study.trials_dataframe()
+    client.log_text(run_id, frame.to_csv(index=False), "trials.csv")
+    intermediate = {t.number: json.dumps(t.intermediate_values) for t in trials
+                    if t.intermediate_values}
+    table = frame.assign(run_id=frame["number"].map(run_ids),
+                         intermediate_values=frame["number"].map(intermediate))
+    for column in table.columns:
+        if table[column].dtype.kind in "mMO":  # dates, durations, objects: as text
+            table[column] = table[column].astype(str)
+    # Not MlflowClient.log_table: it appends to the table the run already has (every
+    # optimize of a study would add all its trials again), downloading it first.
+    client.log_text(run_id, table.to_json(orient="split", index=False, date_format="iso"),
+                    TABLE_FILE)
     if figures and figures_wanted(len(trials), compact):
         from optuna_mlflow_nested.tracking.figures import log_figures
 
@@ -280,12 +282,18 @@ def start_search(study: Any, *, n_trials: int | None, timeout: float | None, n_j
 
     if executor is None and study.trial_runs is None:
         # The writer process makes the first trial's run while this process records
-        # the budget (2 cores: both at once).
-        study._tracking.start(n_jobs, n_trials)
+        # the budget (2 cores: both at once). If it cannot start, optimize's own start
+        # of the tracker says so, inside its try (the parent then ends FAILED).
+        with contextlib.suppress(Exception):
+            study._tracking.start(n_jobs, n_trials)
     budget = {"n_trials": n_trials, "timeout": timeout, "n_jobs": n_jobs,
               "executor": type(executor).__name__ if executor is not None else None}
-    with short_http_retries(study.tracking_uri):
-        mark_parent_running(get_client(study.tracking_uri), study.parent_run_id, budget)
+    try:
+        with short_http_retries(study.tracking_uri):
+            mark_parent_running(get_client(study.tracking_uri), study.parent_run_id, budget)
+    except BaseException:  # Ctrl-C on a slow server: no session left open for the next optimize
+        study._tracking.stop()
+        raise
     if study.trial_runs is None:  # big searches: no import competing for the GIL
         figures.warm_up_figures()
 
@@ -305,13 +313,13 @@ class SearchEnd:
         self.compact = study.trial_runs is not None
         self._summary: bool | None = None  # written early: True, or failed (warned)
 
-    def _step(self, step: Callable[[], Any]) -> bool:
+    def _step(self, step: Callable[[], Any], stacklevel: int = 5) -> bool:
         try:
             step()
             return True
         except Exception as exc:
             warnings.warn(f"could not update the parent run {self.study.parent_run_id}: "
-                          f"{redact_secrets(exc)}", RuntimeWarning, stacklevel=5)
+                          f"{redact_secrets(exc)}", RuntimeWarning, stacklevel=stacklevel)
             return False
 
     def _log_summary(self, figures: bool) -> None:
@@ -325,8 +333,8 @@ class SearchEnd:
         and reconcile changes no trial's run, except under ``trial_runs=K``, where it
         makes the K best trials' runs first (the summary then waits for :meth:`finish`).
         """
-        if not self.compact and self._summary is None:
-            self._summary = self._step(lambda: self._log_summary(figures=False))
+        if not self.compact and self._summary is None:  # called by tracker.stop, in optimize
+            self._summary = self._step(lambda: self._log_summary(figures=False), stacklevel=7)
 
     def finish(self, status: str | None) -> Callable[[float], bool] | None:
         """Reconcile, the summary (unless :meth:`write_summary` wrote it), the figures
@@ -340,14 +348,18 @@ class SearchEnd:
         from optuna_mlflow_nested.tracking import figures
 
         study, run_id = self.study, self.study.parent_run_id
-        if self._summary is False:
-            return None  # the store failed (warned): the figures would fail too
+        if self._summary is False:  # failed (warned): reconcile, as before the summary
+            self._step(study.reconcile)
+            return None
         # Big searches (compact) use no writer process: their figures are drawn here.
         pending = None if self.compact else figures.start_elsewhere(
             self.client, study.tracking_uri, run_id, study)
         steps: list[Callable[[], Any]] = [study.reconcile]
         if self._summary is None:
             steps.append(lambda: self._log_summary(figures=pending is None))
+        elif pending is None and figures_wanted(len(study.get_trials(deepcopy=False)), False):
+            # Written early, and the writer process cannot draw them: drawn here.
+            steps.append(lambda: figures.log_figures(self.client, run_id, study))
         if status is not None:
             steps.append(lambda: set_run_status(self.client, run_id, status))
         for step in steps:

@@ -158,23 +158,21 @@ class TrialTracker:
         _live_trackers.add(self)
 
     def stop(self, meanwhile: Callable[[], None] | None = None) -> None:
-        """Deliver (or spool) every queued write and delete unused spare runs; call
-        ``meanwhile`` while the writer process delivers (before, with writer threads)."""
+        """Deliver (or spool) every queued write and delete unused spare runs; with the
+        writer process, call ``meanwhile`` while it delivers (writer threads would
+        share this process's GIL with it: not called)."""
         pool, writer = self._pool, self._writer
         self._pool = self._writer = None
         try:
             if pool is not None and pool is not writer:
                 pool.close()
-            if writer is not None and pool is writer:  # the writer process
-                writer.close(timeout=self._retry.deadline + 30,  # type: ignore[call-arg]
-                             meanwhile=meanwhile)
-                self._inline.unsaved.extend(writer.unsaved)
-            else:
-                if meanwhile is not None:
-                    meanwhile()
-                if writer is not None:
+            if writer is not None:
+                if pool is writer:  # the writer process
+                    writer.close(timeout=self._retry.deadline + 30,  # type: ignore[call-arg]
+                                 meanwhile=meanwhile)
+                else:
                     writer.close(timeout=self._retry.deadline + 30)
-                    self._inline.unsaved.extend(writer.unsaved)
+                self._inline.unsaved.extend(writer.unsaved)
         finally:
             self._http_retries.close()
             _live_trackers.discard(self)

@@ -283,11 +283,9 @@ class ProcessSession:
         try:
             if meanwhile is not None:
                 meanwhile()
-        finally:
+        finally:  # also on Ctrl-C meanwhile: what the child could not deliver is known
             reply = self._process.reply(token, timeout=(timeout or self._retry_deadline) + 30)
+            if reply is not None:
+                self.unsaved.extend(reply[1])
         self._process.repeat_warnings()
-        if reply is None:
-            return False
-        drained, unsaved = reply
-        self.unsaved.extend(unsaved)
-        return bool(drained)
+        return reply is not None and bool(reply[0])
