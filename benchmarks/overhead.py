@@ -294,17 +294,17 @@ def side_by_side(label: str, uri: str, n: int, repeats: int, sleepy=sleepy) -> R
     cold_legacy = legacy(sleepy, n, uri) / n * 1000 - base
     warm: dict[str, list[float]] = {}
 
-    def run(name: str, call) -> tuple[float, float]:
+    def run(call) -> tuple[float, float]:
         timed = Timed(sleepy)
         elapsed = call(timed)
         return (elapsed - timed.inside) / n * 1000, timed.inside / n * 1000
 
     for _ in range(repeats):
-        base_outside, base_inside = run("bare", lambda f: bare(f, n))
+        base_outside, base_inside = run(lambda f: bare(f, n))
         warm.setdefault("objective", []).append(base_inside)
         for name, call in (("ours", lambda f: ours(f, n, uri)),
                            ("legacy", lambda f: legacy(f, n, uri))):
-            outside, inside = run(name, call)
+            outside, inside = run(call)
             warm.setdefault(name, []).append(outside + inside - base_outside - base_inside)
             warm.setdefault(f"{name} outside", []).append(outside - base_outside)
             warm.setdefault(f"{name} slower", []).append(inside - base_inside)

@@ -255,8 +255,7 @@ def _log_finish(study: NestedStudy, model: Any, best: dict[str, Any], curve: Seq
     step = 1 + max((m.step for m in client.get_metric_history(run_id, VAL_METRIC)), default=-1)
     tags = [RunTag(f"final.{name}", tag_value(value)) for name, value in best.items()]
     head, tags = tags[:-MAX_TAGS_WITH_COMMIT], tags[-MAX_TAGS_WITH_COMMIT:]
-    for i in range(0, len(head), MAX_PARAMS_TAGS_PER_BATCH):  # only for > 96 parameters
-        client.log_batch(run_id, tags=head[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
+    log_in_batches(client, run_id, [], head)  # only for > 96 parameters
     tags += [RunTag(MODEL_URI_TAG, info.model_uri), RunTag(BEST_MODEL_TAG, "true"),
              RunTag(FINISH_STATUS_TAG, "complete")]
     client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()],

@@ -557,3 +557,24 @@ def test_experiment_kind_only_on_experiments_this_project_creates(tracking_uri: 
     omn.create_study("kind3", tracking_uri=tracking_uri, experiment_name="plain")
     assert client.get_experiment(theirs).tags["mlflow.experimentKind"] == "genai_development"
     assert "mlflow.experimentKind" not in client.get_experiment(plain).tags
+
+
+def test_a_trial_with_a_thousand_steps_goes_in_batches_mlflow_accepts() -> None:
+    # 1000 metrics and a trial's tags in one log_batch are over MLflow's 1000 entities:
+    # MLflow refused the batch and the record went up one item at a time.
+    from mlflow.entities import Metric
+    from mlflow.entities import Param
+    from mlflow.entities import RunTag
+    from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH
+    from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
+
+    from optuna_mlflow_nested.tracking.delivery import batches
+
+    metrics = [Metric("value_intermediate", float(i), 0, i) for i in range(1000)]
+    params = [Param(f"p{i}", "1") for i in range(3)]
+    tags = [RunTag(f"t{i}", "v") for i in range(12)]
+    out = list(batches(metrics, params, tags))
+    assert all(len(m) + len(p) + len(t) <= MAX_ENTITIES_PER_BATCH for m, p, t in out)
+    assert all(len(p) + len(t) <= MAX_PARAMS_TAGS_PER_BATCH for _, p, t in out)
+    assert [x for m, _, _ in out for x in m] == metrics
+    assert [x for _, p, _ in out for x in p] == params and [x for _, _, t in out for x in t] == tags

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Iterator
 import dataclasses
 import logging
 import os
@@ -19,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
 
@@ -110,11 +112,7 @@ def deliver(client: MlflowClient, record: RunRecord, *, lookup: bool = True,
     # update_run_info of its own (two more transactions per trial on SQLite), and the
     # update_run_info at the end sets the name (and its tag) anyway.
     run_tags = [RunTag(k, v) for k, v in record.tags.items() if k != MLFLOW_RUN_NAME]
-    while metrics or params or run_tags:
-        batch_params, params = params[:MAX_PARAMS_TAGS_PER_BATCH], params[MAX_PARAMS_TAGS_PER_BATCH:]
-        room = MAX_PARAMS_TAGS_PER_BATCH - len(batch_params)
-        batch_tags, run_tags = run_tags[:room], run_tags[room:]
-        batch_metrics, metrics = metrics[:MAX_METRICS_PER_BATCH], metrics[MAX_METRICS_PER_BATCH:]
+    for batch_metrics, batch_params, batch_tags in batches(metrics, params, run_tags):
         _log_batch_or_items(client, run_id, batch_metrics, batch_params, batch_tags)
     for name, text in record.texts.items():
         client.log_text(run_id, text, name)
@@ -124,6 +122,20 @@ def deliver(client: MlflowClient, record: RunRecord, *, lookup: bool = True,
         client.log_inputs(run_id, datasets=[dataset_input(d) for d in record.inputs])
     _compat.update_run_info(client, run_id, record.status, record.end_time, record.run_name)
     return run_id
+
+
+def batches(metrics: list[Metric], params: list[Param], tags: list[RunTag],
+            ) -> Iterator[tuple[list[Metric], list[Param], list[RunTag]]]:
+    """``(metrics, params, tags)`` for successive ``log_batch`` calls, each as full as
+    MLflow's per-call limits allow (100 params and tags together, 1000 metrics, 1000
+    entities in all)."""
+    while metrics or params or tags:
+        batch_params, params = params[:MAX_PARAMS_TAGS_PER_BATCH], params[MAX_PARAMS_TAGS_PER_BATCH:]
+        room = MAX_PARAMS_TAGS_PER_BATCH - len(batch_params)
+        batch_tags, tags = tags[:room], tags[room:]
+        room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(batch_params) - len(batch_tags))
+        batch_metrics, metrics = metrics[:room], metrics[room:]
+        yield batch_metrics, batch_params, batch_tags
 
 
 def _log_batch_or_items(client: MlflowClient, run_id: str, metrics: list[Metric],

@@ -94,7 +94,7 @@ class RunPool:
     @property
     def exhausted(self) -> bool:
         """Whether every run of the ``limit`` was made and taken: no run will come."""
-        with self._cond:
+        with self._cond:  # reentrant: take() asks while it holds it
             return self._left == 0 and not self._ready and not self._creating
 
     def lower_limit(self, made_elsewhere: int) -> None:
@@ -118,8 +118,7 @@ class RunPool:
             self._waiting.append(ticket)
             try:
                 while not (self._ready and self._waiting[0] is ticket):
-                    if self._stop.is_set() or (self._left == 0 and not self._creating
-                                               and not self._ready):
+                    if self._stop.is_set() or self.exhausted:
                         return None  # closed or exhausted: no run will come
                     if not self.healthy:
                         deadline = min(deadline, time.monotonic() + 0.5)

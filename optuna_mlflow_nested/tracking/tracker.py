@@ -224,7 +224,7 @@ class TrialTracker:
         pool = self._pool
         if pool is not None:
             run = pool.take(self._run_wait)
-            if run is not None or not getattr(pool, "exhausted", False):
+            if run is not None or not pool.exhausted:
                 return run
             # More trials than the budget the pool was sized for (a failed ask's run is
             # reused, so this is rare): made here, as outside optimize.

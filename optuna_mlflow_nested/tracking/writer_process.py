@@ -221,7 +221,7 @@ class ProcessSession:
         is still starting (its imports take seconds in a fresh process): the first
         trials then do not wait for it. Their records are handed off all the same; the
         writer process reads them once it is up. ``limit``: the most runs the session
-        needs (``n_trials``); past it, runs are made here too."""
+        needs (``n_trials``): past it, :meth:`take` gives none (see :attr:`exhausted`)."""
         self._process = WriterProcess.get()
         self._id = uuid.uuid4().hex
         self._retry_deadline = retry_deadline
@@ -250,19 +250,23 @@ class ProcessSession:
         with contextlib.suppress(IndexError):
             return self._given_back.popleft()
         with self._handed_lock:
-            spent = self._limit is not None and self._handed >= self._limit
+            if self.exhausted:
+                return None  # past the budget: TrialTracker.take_run makes the run
+            self._handed += 1  # counted now: a thread that comes later sees it
             starting = not self._process.ready and self._process.alive()
-            if not spent:  # counted now: a thread that comes later sees it
-                self._handed += 1
-        if spent or starting:
+        if starting:
             run = self._create_run()
-            if not spent:  # one fewer for the child to make (or a spare it deletes)
-                self._process.send("made", self._id)
+            self._process.send("made", self._id)  # one fewer for the child to make
             return run
         run = self._process.take_run(self._id, timeout)
         if run is not None:  # the child pushes another spare and knows this one is taken
             self._process.send("took", self._id, run.info.run_id)
         return run
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether every run of the ``limit`` was handed out (as :attr:`RunPool.exhausted`)."""
+        return self._limit is not None and self._handed >= self._limit
 
     def put_back(self, run: Run) -> None:
         """A run :meth:`take` gave that no trial got: the next trial takes it first."""
