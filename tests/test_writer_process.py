@@ -345,3 +345,24 @@ def test_executor_workers_write_from_threads_and_the_caller_from_the_writer_proc
         study.optimize(_note_writer, n_trials=2, executor=pool)
     assert _WRITERS_SEEN == [True] * 2
     assert sorted(int(n) for n in study.child_runs()["tags.optuna.trial_number"]) == list(range(8))
+
+
+def test_figures_of_a_store_removed_after_optimize_are_dropped_at_once(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # A program that runs its search in a temporary folder removes the folder as soon
+    # as optimize returns, while the writer process may still be about to draw the
+    # parent's figures. Opening the removed SQLite file made MLflow retry for about
+    # 100 s (the program waiting at exit for its writer process) and then create the
+    # folder again, with an empty store in it.
+    from optuna_mlflow_nested.tracking.figures import trials_snapshot
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    study = omn.create_study("removed", tracking_uri=tracking_uri, sampler="random", seed=0)
+    study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=3)
+    process = WriterProcess.get()
+    assert process.wait_ready()
+    removed = tmp_path / "removed"
+    token = process.submit("figures", f"sqlite:///{removed / 'mlflow.db'}", study.parent_run_id,
+                           trials_snapshot(study))
+    assert process.reply(token, timeout=30) is True  # nothing left to draw on
+    assert not removed.exists()

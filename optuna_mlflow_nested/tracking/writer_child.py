@@ -27,6 +27,7 @@ from optuna_mlflow_nested.tracking.records import RunRecord
 def _serve(receive: Connection, reply: Connection) -> None:
     from optuna_mlflow_nested._utils import redact_secrets
     from optuna_mlflow_nested.tracking.clients import get_client
+    from optuna_mlflow_nested.tracking.clients import sqlite_path
     from optuna_mlflow_nested.tracking.delivery import RetryPolicy
     from optuna_mlflow_nested.tracking.run_pool import RunPool
     from optuna_mlflow_nested.tracking.spool import Spool
@@ -118,7 +119,13 @@ def _serve(receive: Connection, reply: Connection) -> None:
                 return
         done = False
         try:
-            log_figures(get_client(tracking_uri), run_id, study_from_snapshot(snapshot))
+            store_file = sqlite_path(tracking_uri)
+            if store_file is not None and not store_file.exists():
+                # Removed after optimize returned (a temporary folder): opening it would
+                # create the folder again, or have MLflow retry for minutes first.
+                logging.getLogger(__name__).debug("no figures: %s was removed", store_file)
+            else:
+                log_figures(get_client(tracking_uri), run_id, study_from_snapshot(snapshot))
             done = True
         except Exception as exc:  # the parent draws them itself then
             logging.getLogger(__name__).warning("could not draw the figures here: %s",
