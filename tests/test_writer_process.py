@@ -149,6 +149,68 @@ STARTING_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _run_script(tmp_path: Path, text: str, tracking_uri: str) -> subprocess.CompletedProcess[str]:
+    """``text`` run as a fresh program (its own writer process, the default writer)."""
+    script = tmp_path / "program.py"
+    script.write_text(text)
+    return subprocess.run([sys.executable, str(script), tracking_uri], capture_output=True,
+                          text=True, timeout=240,
+                          env={k: v for k, v in os.environ.items() if k != "OMN_WRITER"})
+
+
+AHEAD_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, threading, mlflow, optuna
+    import optuna_mlflow_nested as omn
+    from optuna_mlflow_nested.tracking import tracker
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    made_on = []
+    create = tracker.TrialTracker._create_run
+
+    def recorded(self):
+        made_on.append(threading.current_thread().name)
+        return create(self)
+
+    tracker.TrialTracker._create_run = recorded
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = omn.create_study("ahead", tracking_uri=sys.argv[1], sampler="random", seed=0)
+    writer = WriterProcess.get()._proc.pid
+    os.kill(writer, signal.SIGSTOP)  # still starting up for the first six trials
+
+    def objective(trial):
+        if trial.number == 6:
+            print("READY", WriterProcess.get().ready, flush=True)
+            os.kill(writer, signal.SIGCONT)
+        mlflow.log_metric("inside", trial.number)  # the trial's run is the active run
+        return trial.suggest_float("x", -1, 1) ** 2
+
+    study.optimize(objective, n_trials=12)
+    print("ON_THE_TRIALS_THREAD", made_on.count(threading.current_thread().name))
+    print("MADE_HERE", len(made_on))
+""")
+
+
+def test_runs_of_the_first_trials_are_made_ahead_while_the_writer_process_starts(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # While the writer process of a fresh program starts (seconds of imports, then
+    # opening the store), a trial used to make its own run on its own path. A thread
+    # makes them ahead now; the budget still gets exactly one run per trial.
+    done = _run_script(tmp_path, AHEAD_SCRIPT, tracking_uri)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert said["READY"] == "False"  # six trials ran before it was up
+    assert said["ON_THE_TRIALS_THREAD"] == "0"
+    assert 6 <= int(said["MADE_HERE"]) <= 12
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("ahead")
+    runs = client.search_runs([experiment.experiment_id], "tags.`optuna.role` = 'trial'")
+    assert sorted(r.data.metrics["inside"] for r in runs) == list(range(12))
+    assert sorted(r.info.run_name for r in runs) == sorted(f"trial-{n}" for n in range(12))
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    everything = client.search_runs([experiment.experiment_id])
+    assert len(everything) == 13  # the parent and one run per trial: no spare left
+
+
 @pytest.mark.slow
 def test_trials_run_while_the_writer_process_starts_and_nothing_is_lost_if_killed(
         tmp_path: Path, tracking_uri: str) -> None:
@@ -156,11 +218,7 @@ def test_trials_run_while_the_writer_process_starts_and_nothing_is_lost_if_kille
     # (seconds): their runs are made here, their records wait in the pipe. When the
     # objective's process is killed before the writer process is up, the writer process
     # found its parent gone when it said it was ready, and died with the records unread.
-    script = tmp_path / "starting.py"
-    script.write_text(STARTING_SCRIPT)
-    done = subprocess.run([sys.executable, str(script), tracking_uri], capture_output=True,
-                          text=True, timeout=240,
-                          env={k: v for k, v in os.environ.items() if k != "OMN_WRITER"})
+    done = _run_script(tmp_path, STARTING_SCRIPT, tracking_uri)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     assert done.stdout.split() == ["READY", "False"]  # five trials ran before it was up
     client = MlflowClient(tracking_uri)
@@ -297,11 +355,7 @@ def test_the_writer_process_draws_the_parents_figures(tmp_path: Path, tracking_u
     # (the slowest part of the parent's summary) happen in the writer process, which
     # optimize does not wait for. They land even when the objective's process is killed
     # right after optimize returns: the writer process finishes them, then exits.
-    script = tmp_path / "figs.py"
-    script.write_text(FIGURES_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "OMN_WRITER"}
-    done = subprocess.run([sys.executable, str(script), tracking_uri], capture_output=True,
-                          text=True, timeout=240, env=env)
+    done = _run_script(tmp_path, FIGURES_SCRIPT, tracking_uri)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     said = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     assert said["MATPLOTLIB"] == "False", done.stdout

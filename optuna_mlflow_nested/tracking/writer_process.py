@@ -174,6 +174,10 @@ class WriterProcess:
     def lag(self, session: str) -> Lag | None:
         return self._lags.get(session)
 
+    def has_pushed(self, session: str) -> bool:
+        """Whether the child has pushed a run of ``session`` yet."""
+        return session in self._runs
+
     def repeat_warnings(self) -> None:
         """Warn, in the calling thread, what the child warned (e.g. where the spool is),
         so that the user's warning filters and ``catch_warnings`` see it."""
@@ -217,11 +221,14 @@ class ProcessSession:
                  study_name: str, spare: int, threads: int, spool_path: str,
                  retry_deadline: float, pool_tags: dict[str, str] | None,
                  create_run: Callable[[], Run | None], limit: int | None = None) -> None:
-        """``create_run`` makes a trial's run in this process, while the writer process
-        is still starting (its imports take seconds in a fresh process): the first
-        trials then do not wait for it. Their records are handed off all the same; the
-        writer process reads them once it is up. ``limit``: the most runs the session
-        needs (``n_trials``): past it, :meth:`take` gives none (see :attr:`exhausted`)."""
+        """``create_run`` makes a trial's run in this process while the writer process
+        is still starting (its imports take seconds in a fresh process), so that the
+        first trials do not wait for it. A thread makes up to ``spare`` of those runs
+        ahead, so a trial takes one ready-made instead of making it on its own path;
+        the thread stops once the writer process has made this session's first run.
+        The trials' records are handed off all the same; the writer process reads them
+        once it is up. ``limit``: the most runs the session needs (``n_trials``): past
+        it, :meth:`take` gives none (see :attr:`exhausted`)."""
         self._process = WriterProcess.get()
         self._id = uuid.uuid4().hex
         self._retry_deadline = retry_deadline
@@ -230,13 +237,61 @@ class ProcessSession:
         self._given_back: collections.deque[Run] = collections.deque()  # see put_back
         self._limit = limit
         self._handed = 0  # runs taken from the child or made here
-        self._handed_lock = threading.Lock()  # n_jobs > 1: trials take runs in threads
+        self._handed_lock = threading.Condition()  # n_jobs > 1: trials take runs in threads
+        self._ahead: collections.deque[Run] = collections.deque()  # made here while starting
+        self._ahead_active = False  # while the thread below keeps runs ready
+        self._waiting = 0  # trials waiting for the run it is making
+        self._spare = spare
+        self._closing = False
         if not self._process.alive():
             raise RuntimeError("the writer process did not start")
         self._process.send("open", self._id, dict(
             tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
             study_name=study_name, spare=spare, threads=threads, spool_path=spool_path,
             retry_deadline=retry_deadline, pool_tags=pool_tags, limit=limit))
+        self._ahead_thread: threading.Thread | None = None
+        if self._starting():
+            self._ahead_active = True
+            self._ahead_thread = threading.Thread(target=self._make_ahead, daemon=True,
+                                                  name="omn-runs-while-starting")
+            self._ahead_thread.start()
+
+    def _starting(self) -> bool:
+        return not self._process.ready and self._process.alive()
+
+    def _child_pool_starting(self) -> bool:
+        # Ready comes before the child has opened the store and made this session's
+        # first run (the open alone took 0.7 s in a fresh process).
+        return self._process.alive() and not self._process.has_pushed(self._id)
+
+    def _make_ahead(self) -> None:
+        """While the writer process starts: keep up to ``spare`` runs ready here."""
+        try:
+            while self._room_ahead():
+                run = self._create_run()
+                if run is None:
+                    return  # the store is away: trials make (or go without) their runs
+                self._process.send("made", self._id)  # one fewer for the child to make
+                with self._handed_lock:
+                    self._ahead.append(run)
+                    self._handed_lock.notify_all()
+        finally:
+            with self._handed_lock:
+                self._ahead_active = False
+                self._handed_lock.notify_all()
+
+    def _room_ahead(self) -> bool:
+        """Waits until another run is wanted ahead (``True``) or none will be."""
+        with self._handed_lock:
+            while not self._closing and self._child_pool_starting():
+                given = self._handed - self._waiting  # a waiting trial still needs one
+                if self._limit is not None and given + len(self._ahead) >= self._limit:
+                    return False  # the budget has every run it needs
+                if len(self._ahead) < self._spare:
+                    return True
+                # Woken by a take; the timeout notices the writer process's first run.
+                self._handed_lock.wait(0.05)
+            return False
 
     def put(self, record: RunRecord) -> None:
         self._process.send("record", self._id, record)
@@ -253,7 +308,17 @@ class ProcessSession:
             if self.exhausted:
                 return None  # past the budget: TrialTracker.take_run makes the run
             self._handed += 1  # counted now: a thread that comes later sees it
-            starting = not self._process.ready and self._process.alive()
+            if self._ahead_active and not self._ahead:  # one is on its way
+                self._waiting += 1
+                try:
+                    self._handed_lock.wait_for(lambda: self._ahead or not self._ahead_active,
+                                               timeout)
+                finally:
+                    self._waiting -= 1
+            if self._ahead:
+                self._handed_lock.notify_all()  # room for the next one
+                return self._ahead.popleft()
+            starting = self._starting()
         if starting:
             run = self._create_run()
             self._process.send("made", self._id)  # one fewer for the child to make
@@ -281,8 +346,16 @@ class ProcessSession:
         """Deliver the session's records and end it; ``meanwhile`` runs here while the
         child delivers."""
         self._process.forget(self._id)
-        given_back = [r.info.run_id for r in self._given_back]  # taken, yet no trial's
-        self._given_back.clear()
+        with self._handed_lock:
+            self._closing = True
+            self._handed_lock.notify_all()
+        if self._ahead_thread is not None:  # ends after the run it may be making
+            self._ahead_thread.join(timeout or self._retry_deadline)
+        with self._handed_lock:  # taken, yet no trial's; or made ahead, not taken
+            unused = [*self._given_back, *self._ahead]
+            self._given_back.clear()
+            self._ahead.clear()
+        given_back = [r.info.run_id for r in unused]
         token = self._process.submit("close", self._id, given_back)
         try:
             if meanwhile is not None:
