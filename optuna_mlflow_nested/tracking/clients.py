@@ -31,10 +31,13 @@ _clients: dict[str, MlflowClient] = {}
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The file of a ``sqlite:///`` URI, or ``None`` for other URIs and in-memory SQLite."""
+    """The file of a ``sqlite:///`` URI, or ``None`` for other URIs and in-memory SQLite.
+
+    A query (``?timeout=30``, which SQLAlchemy passes to the driver) is not part of it.
+    """
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///") :]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     return None if path in ("", ":memory:") else Path(path)
 
 

@@ -43,7 +43,8 @@ class RunPool:
 
     def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str,
                  study_name: str, spare: int, threads: int,
-                 tags: dict[str, str] | None = None, limit: int | None = None) -> None:
+                 tags: dict[str, str] | None = None, limit: int | None = None,
+                 start: bool = True) -> None:
         self._client = client
         self._new_run = functools.partial(create_pending_run, client, experiment_id,
                                           parent_run_id, study_name, tags)
@@ -60,8 +61,16 @@ class RunPool:
             threading.Thread(target=self._fill, name=f"omn-runpool-{i}", daemon=True)
             for i in range(threads)
         ]
-        for thread in self._threads:
-            thread.start()
+        self._started = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start creating runs (at once unless made with ``start=False``)."""
+        if not self._started:
+            self._started = True
+            for thread in self._threads:
+                thread.start()
 
     def _fill(self) -> None:
         while True:
@@ -142,7 +151,7 @@ class RunPool:
         with self._cond:
             self._stop.set()
             self._cond.notify_all()
-        for thread in self._threads:
+        for thread in self._threads if self._started else ():
             thread.join(timeout=5)
         with self._cond:
             leftovers, self._ready = list(self._ready), collections.deque()

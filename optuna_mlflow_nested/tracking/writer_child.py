@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 import os
 import sys
 import threading
+import time
 from typing import Any
 import warnings
 
@@ -51,7 +52,8 @@ def _serve(receive: Connection, reply: Connection) -> None:
                                 # made ahead in all as with writer threads
                                 options["study_name"], spare=max(1, options["spare"] - 1),
                                 threads=options["threads"], tags=options["pool_tags"],
-                                limit=options.get("limit"))
+                                limit=options.get("limit"), start=False)  # see _serve's loop
+            self.opened = time.monotonic()
             self.client = client
             self.credit = threading.Semaphore(1)
             self.closed = threading.Event()
@@ -149,7 +151,15 @@ def _serve(receive: Connection, reply: Connection) -> None:
     sessions: dict[str, Session] = {}
     drawing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omn-session-figures")
     send("ready", "", None)
+    unstarted: list[Session] = []
     while True:
+        if unstarted and (not receive.poll(0) or time.monotonic() - unstarted[0].opened > 0.5):
+            # A session's pool starts once the messages sent while it opened the store
+            # are read: the parent's "made" among them lower its budget first (else it
+            # makes runs the parent already made, deleted at close).
+            for opened in unstarted:
+                opened.pool.start()
+            unstarted.clear()
         try:
             message = receive.recv()
         except (EOFError, OSError):
@@ -166,6 +176,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
                         send("lag", key, lag)
         elif kind == "open":
             sessions[key] = Session(key, message[2])
+            unstarted.append(sessions[key])
         elif kind == "prepare":  # a study was made: its optimize is likely to come
             with contextlib.suppress(Exception):  # the session says what is wrong, if it must
                 get_client(message[2])
@@ -187,6 +198,8 @@ def _serve(receive: Connection, reply: Connection) -> None:
         elif kind == "close":
             token, sid, given_back = key, message[2], message[3]
             session = sessions.pop(sid, None)
+            if session in unstarted:  # closed before its pool started: it makes no run
+                unstarted.remove(session)
             outcome = session.close(given_back, session.deadline) if session else (True, [])
             send("reply", token, outcome)
     for session in sessions.values():

@@ -271,10 +271,11 @@ class ProcessSession:
                 run = self._create_run()
                 if run is None:
                     return  # the store is away: trials make (or go without) their runs
-                self._process.send("made", self._id)  # one fewer for the child to make
                 with self._handed_lock:
-                    self._ahead.append(run)
+                    self._ahead.append(run)  # first: a trial or close() has it whatever follows
                     self._handed_lock.notify_all()
+                with contextlib.suppress(OSError):  # the writer process died: take() says so
+                    self._process.send("made", self._id)  # one fewer for the child to make
         finally:
             with self._handed_lock:
                 self._ahead_active = False
