@@ -261,7 +261,7 @@ class ProcessSession:
 
     def _child_pool_starting(self) -> bool:
         # Ready comes before the child has opened the store and made this session's
-        # first run (the open alone took 0.7 s in a fresh process).
+        # first run, which takes a while in a fresh process.
         return self._process.alive() and not self._process.has_pushed(self._id)
 
     def _make_ahead(self) -> None:
