@@ -12,6 +12,7 @@ from pathlib import Path
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from mlflow.tracking import MlflowClient
@@ -63,6 +64,11 @@ def make_study(tmp_path: Path, name: str, tracking_uri: str) -> omn.NestedStudy:
 def test_process_pool_runs_the_exact_budget(tmp_path: Path, tracking_uri: str) -> None:
     study = make_study(tmp_path, "pool", tracking_uri)
     study.optimize(quadratic, n_trials=3)  # the budget is the total of *this* call
+    # The pool forks its workers at its first submit: no thread of ours may be using a
+    # SQLite file then (README, "SQLite and fork"); the writer process's pipe reader and
+    # the figure imports' warm-up use none.
+    ours = {t.name for t in threading.enumerate() if t.name.startswith("omn-")}
+    assert ours <= {"omn-writer-reader", "omn-warm-up"}, ours
     with ProcessPoolExecutor(2) as pool:
         study.optimize(quadratic, n_trials=13, executor=pool)
     assert_tree(study, 16)
@@ -287,9 +293,14 @@ def test_process_pool_worker_killed_mid_trial(tmp_path: Path, tracking_uri: str,
         os.kill(trial.user_attrs["pid"], signal.SIGKILL)
         return True
 
-    with killing_a_worker_mid_trial("pool-kill", f"sqlite:///{tmp_path / 'optuna.db'}",
-                                    kill_its_process) as killed, ProcessPoolExecutor(2) as pool:
-        with pytest.raises(BrokenProcessPool, match=r"trials? .*queued"):
+    with ProcessPoolExecutor(2) as pool:
+        # Fork the workers before the watcher thread reads optuna.db: a worker forked while
+        # a thread of this process held a SQLite read lock inherits SQLite's in-process
+        # record of it and can never commit ('database is locked' at its first claim).
+        pool.submit(os.getpid).result()
+        with killing_a_worker_mid_trial("pool-kill", f"sqlite:///{tmp_path / 'optuna.db'}",
+                                        kill_its_process) as killed, \
+                pytest.raises(BrokenProcessPool, match=r"trials? .*queued"):
             study.optimize(slow_with_pid, n_trials=12, executor=pool)
     assert killed, "no worker was seen running a trial"
     assert study.trials[killed[0]].state.name == "FAIL"
