@@ -30,9 +30,10 @@ from optuna_mlflow_nested.samplers import SAMPLER_NAMES
 from optuna_mlflow_nested.samplers import make_sampler
 from optuna_mlflow_nested.tracking import parent as parent_run
 from optuna_mlflow_nested.tracking.delivery import equals_clause
+from optuna_mlflow_nested.tracking.process_session import prepare_writer
+from optuna_mlflow_nested.tracking.reconcile import mend_after_lost_writer
 from optuna_mlflow_nested.tracking.reconcile import reconcile_study
 from optuna_mlflow_nested.tracking.reconcile import runs_to_keep
-from optuna_mlflow_nested.tracking.tracker import prepare_writer
 
 __all__ = ["NestedStudy", "make_sampler", "SAMPLER_NAMES"]
 
@@ -119,8 +120,7 @@ class NestedStudy(optuna.Study):
                 tracking_uri=self.tracking_uri, experiment_id=self.experiment_id,
                 parent_run_id=self.parent_run_id, study_name=self.study_name,
                 metric_name=self.metric_name,
-                pool_tags={SESSION_TAG: self._worker_session} if self._worker_session else None,
-            )
+                pool_tags={SESSION_TAG: self._worker_session} if self._worker_session else None)
         return self._tracker
 
     @property
@@ -220,14 +220,15 @@ class NestedStudy(optuna.Study):
                 super().optimize(
                     tracker.wrap(func), n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
                     catch=catch, callbacks=self._callbacks(tracker, callbacks),
-                    gc_after_trial=gc_after_trial, show_progress_bar=show_progress_bar,
-                )
+                    gc_after_trial=gc_after_trial, show_progress_bar=show_progress_bar)
             except BudgetSpent:  # an executor worker found the shared budget spent
                 pass
             finally:
                 self._omn_local.optimizing = False
                 tracker.close_open_trials(self)
                 tracker.stop(meanwhile=ending.write_summary if ending else None)
+                if tracker.take_writer_lost():  # warned: rebuild the runs it had not written
+                    mend_after_lost_writer(self)
 
     def _callbacks(self, tracker: tracking.TrialTracker,
                    callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] | None,

@@ -373,7 +373,7 @@ _WRITERS_SEEN: list[bool] = []
 
 
 def _note_writer(trial: optuna.Trial) -> float:
-    from optuna_mlflow_nested.tracking.tracker import uses_writer_process
+    from optuna_mlflow_nested.tracking.process_session import uses_writer_process
 
     _WRITERS_SEEN.append(uses_writer_process())
     return trial.suggest_float("x", -1, 1) ** 2
@@ -386,7 +386,7 @@ def test_executor_workers_write_from_threads_and_the_caller_from_the_writer_proc
     # (benchmarks/RESULTS.md), so by default only the calling process has one.
     from concurrent.futures import ThreadPoolExecutor
 
-    from optuna_mlflow_nested.tracking.tracker import uses_writer_process
+    from optuna_mlflow_nested.tracking.process_session import uses_writer_process
 
     monkeypatch.delenv("OMN_WRITER", raising=False)
     _WRITERS_SEEN.clear()
@@ -439,3 +439,74 @@ def test_a_sqlite_uri_with_a_query_names_its_file_without_the_query(
     names = {a.path for a in MlflowClient(uri).list_artifacts(study.parent_run_id)}
     assert {"optimization_history.png", "param_importances.png"} <= names
     assert not [p.name for p in tmp_path.iterdir() if "?" in p.name]
+
+
+@pytest.mark.parametrize(("when", "n_jobs"), [("mid-search", 1), ("mid-search", 2),
+                                              ("after the last hand-off", 1)])
+def test_a_writer_process_killed_mid_search_loses_no_trial(
+        tracking_uri: str, monkeypatch: pytest.MonkeyPatch, when: str, n_jobs: int) -> None:
+    # The writer process is SIGKILLed (the OOM killer, a `pkill python`): mid-search, the
+    # first trial to hand it a record used to raise BrokenPipeError out of optimize,
+    # leaving the study short of its budget and runs RUNNING; after the last hand-off,
+    # optimize's close raised it. Now the search goes on writing from threads; what the
+    # writer process held (records, spare runs) is rebuilt from Optuna's storage or deleted.
+    import mlflow
+
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    def kill_the_writer_process() -> None:
+        writer = WriterProcess.get()._proc
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+
+    client = MlflowClient(tracking_uri)
+    spares_at_the_kill: list[int] = []
+
+    def spare_runs() -> int:  # made ahead, no trial's yet
+        pending = client.search_runs([study.experiment_id], "attributes.run_name = "
+                                     "'trial-pending' and attributes.status = 'RUNNING'")
+        taken = set(study.run_ids().values())
+        return len([r for r in pending if r.info.run_id not in taken])
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", -1, 1)
+        mlflow.log_metric("inside", x)
+        if trial.number == 5 and when == "mid-search":
+            if n_jobs == 1:  # (two threads of instant trials take every spare at once)
+                # One spare at most is pushed to this process: two or more means the
+                # writer process dies with spares it made and had not pushed yet.
+                deadline = time.monotonic() + 60
+                while spare_runs() < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                spares_at_the_kill.append(spare_runs())
+            kill_the_writer_process()
+        return x * x
+
+    def after_the_last(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.number == 15 and when == "after the last hand-off":
+            kill_the_writer_process()  # its record was handed off before this callback
+
+    monkeypatch.setenv("OMN_WRITER", "process")
+    # A writer process that is up: the runs come from its pool (some made, not pushed yet).
+    omn.create_study("warm-up", tracking_uri=tracking_uri).optimize(_quadratic, n_trials=2)
+    study = omn.create_study(f"writer-killed-{when[:3]}-{n_jobs}", tracking_uri=tracking_uri,
+                             sampler="random", seed=0)
+    with pytest.warns(RuntimeWarning, match="writer process .*died") as seen:
+        study.optimize(objective, n_trials=16, n_jobs=n_jobs, callbacks=[after_the_last])
+    assert len([w for w in seen if "died" in str(w.message)]) == 1
+    if when == "mid-search" and n_jobs == 1:
+        assert spares_at_the_kill == [2]
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 16
+    runs = study.child_runs()
+    assert runs["tags.optuna.trial_number"].notna().all(), "a spare run was left"
+    numbers = [int(n) for n in runs["tags.optuna.trial_number"]]
+    assert sorted(numbers) == list(range(16))
+    assert set(runs["status"]) == {"FINISHED"}
+    xs = [study.trials[n].params["x"] for n in numbers]
+    assert runs["metrics.inside"].tolist() == pytest.approx(xs)
+    assert runs["params.x"].astype(float).tolist() == pytest.approx(xs)
+    assert runs["metrics.value"].tolist() == pytest.approx([x * x for x in xs])
+    client = MlflowClient(tracking_uri)
+    everything = client.search_runs([study.experiment_id], run_view_type=ViewType.ALL)
+    assert "RUNNING" not in {r.info.status for r in everything}
+    assert client.get_run(study.parent_run_id).info.status == "FINISHED"

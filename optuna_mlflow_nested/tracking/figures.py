@@ -28,7 +28,7 @@ def warm_up_figures() -> None:
     and importing matplotlib while the first search's writes arrive slowed them (a cold
     search cost 36-47 against 18-22 ms per trial, ``benchmarks/RESULTS.md``).
     """
-    from optuna_mlflow_nested.tracking.tracker import uses_writer_process
+    from optuna_mlflow_nested.tracking.process_session import uses_writer_process
 
     if not uses_writer_process():
         warm_up_here()
@@ -115,7 +115,7 @@ def start_elsewhere(client: MlflowClient, tracking_uri: str, run_id: str,
     it was sent).
     """
     from optuna_mlflow_nested.tracking.parent import figures_wanted
-    from optuna_mlflow_nested.tracking.tracker import uses_writer_process
+    from optuna_mlflow_nested.tracking.process_session import uses_writer_process
     from optuna_mlflow_nested.tracking.writer_process import WriterProcess
 
     if not uses_writer_process() or not figures_wanted(len(study.get_trials(deepcopy=False)), False):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence
 import time
+import warnings
 
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -12,6 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
+from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested.tracking.clients import set_run_status
 from optuna_mlflow_nested.tracking.delivery import deliver
 from optuna_mlflow_nested.tracking.delivery import equals_clause
@@ -82,3 +84,15 @@ def reconcile_study(
                     remember(trial.number, run_id)
                 mended += 1
     return mended
+
+
+def mend_after_lost_writer(study: optuna.Study) -> None:
+    """The writer process died under a search of ``study`` (a ``NestedStudy``; warned):
+    the trial runs it had not written are rebuilt from Optuna's storage, also those of
+    trials that had no run yet."""
+    try:
+        study.reconcile(create_missing=True)  # type: ignore[attr-defined]
+    except Exception as exc:
+        warnings.warn("could not rebuild the runs the writer process had not written: "
+                      f"{redact_secrets(exc)}; `optuna-mlflow-nested sync` does",
+                      RuntimeWarning, stacklevel=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 import functools
 import logging
 import threading
@@ -44,11 +45,12 @@ class RunPool:
     def __init__(self, client: MlflowClient, experiment_id: str, parent_run_id: str,
                  study_name: str, spare: int, threads: int,
                  tags: dict[str, str] | None = None, limit: int | None = None,
-                 start: bool = True) -> None:
+                 start: bool = True, on_made: Callable[[Run], None] | None = None) -> None:
         self._client = client
         self._new_run = functools.partial(create_pending_run, client, experiment_id,
                                           parent_run_id, study_name, tags)
         self._spare = spare
+        self._on_made = on_made  # told of each run as it is made (before any take)
         self._left = limit  # runs it may still create (None: no limit)
         _compat.quiet_retried_store_errors()  # a failed creation is tried again
         self._ready: collections.deque[Run] = collections.deque()
@@ -89,6 +91,8 @@ class RunPool:
             except Exception as exc:
                 _logger.debug("creating a spare run failed: %s", redact_secrets(exc))
                 run = None
+            if run is not None and self._on_made is not None:
+                self._on_made(run)  # must not raise (the writer process's send does not)
             with self._cond:
                 self._creating -= 1
                 self.healthy = run is not None

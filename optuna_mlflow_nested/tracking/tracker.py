@@ -12,7 +12,6 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
 import contextlib
-import contextvars
 import math
 import os
 from pathlib import Path
@@ -33,6 +32,10 @@ from optuna_mlflow_nested.tracking.clients import discard_runs
 from optuna_mlflow_nested.tracking.clients import get_client
 from optuna_mlflow_nested.tracking.clients import short_http_retries
 from optuna_mlflow_nested.tracking.delivery import RetryPolicy
+from optuna_mlflow_nested.tracking.process_session import ProcessSession
+from optuna_mlflow_nested.tracking.process_session import WriterProcessLost
+from optuna_mlflow_nested.tracking.process_session import in_executor_worker
+from optuna_mlflow_nested.tracking.process_session import uses_writer_process
 from optuna_mlflow_nested.tracking.records import as_failed
 from optuna_mlflow_nested.tracking.records import trial_record
 from optuna_mlflow_nested.tracking.run_pool import RunPool
@@ -43,33 +46,6 @@ from optuna_mlflow_nested.tracking.writer import Writer
 
 _live_trackers: weakref.WeakSet[TrialTracker] = weakref.WeakSet()
 _current = threading.local()
-
-
-#: True while this thread runs an executor worker's task (see executors.run_worker).
-in_executor_worker: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "omn_in_executor_worker", default=False)
-
-
-def uses_writer_process() -> bool:
-    """Whether ``optimize`` writes through the writer process rather than writer threads.
-
-    ``OMN_WRITER=process`` or ``threads`` decides; by default (``auto``) the calling
-    process uses the writer process, and executor workers use threads: they run one per
-    core, so a writer process each would add a process per busy core and its start-up
-    (``benchmarks/RESULTS.md``: 2 workers on 2 cores, 1.50x against 1.83x with threads).
-    """
-    mode = os.environ.get("OMN_WRITER", "auto")
-    if mode in ("process", "threads"):
-        return mode == "process"
-    return not in_executor_worker.get()
-
-
-def prepare_writer(tracking_uri: str) -> None:
-    """Start the writer process ahead, if it is in use (its imports take seconds)."""
-    if uses_writer_process():
-        from optuna_mlflow_nested.tracking.writer_process import WriterProcess
-
-        WriterProcess.prestart(tracking_uri)
 
 
 def current_trial() -> optuna.Trial | None:
@@ -130,6 +106,8 @@ class TrialTracker:
         self._inline = Writer(self._client, 0, self._spool, self._retry)
         self._http_retries = contextlib.ExitStack()
         self._lag_warned = False
+        self._writer_lost = False  # see take_writer_lost
+        self._switch_lock = threading.Lock()
 
     # lifecycle -------------------------------------------------------------------
     def start(self, n_jobs: int = 1, n_trials: int | None = None) -> None:
@@ -141,8 +119,6 @@ class TrialTracker:
         workers = n_jobs if n_jobs > 0 else (os.cpu_count() or 1)
         self._http_retries.enter_context(short_http_retries(self.tracking_uri))
         if uses_writer_process():
-            from optuna_mlflow_nested.tracking.writer_process import ProcessSession
-
             session = ProcessSession(
                 tracking_uri=self.tracking_uri, experiment_id=self.experiment_id,
                 parent_run_id=self.parent_run_id, study_name=self.study_name, spare=workers + 1,
@@ -151,11 +127,38 @@ class TrialTracker:
                 create_run=self._create_run, limit=n_trials)
             self._writer = self._pool = session  # type: ignore[assignment]
         else:
-            self._writer = Writer(self._client, self._threads, self._spool, self._retry)
-            self._pool = RunPool(self._client, self.experiment_id, self.parent_run_id,
-                                 self.study_name, spare=workers + 1, threads=self._threads,
-                                 tags=self._pool_tags, limit=n_trials)
+            self._start_threads(workers + 1, n_trials)
         _live_trackers.add(self)
+
+    def _start_threads(self, spare: int, limit: int | None) -> None:
+        self._writer = Writer(self._client, self._threads, self._spool, self._retry)
+        self._pool = RunPool(self._client, self.experiment_id, self.parent_run_id,
+                             self.study_name, spare=spare, threads=self._threads,
+                             tags=self._pool_tags, limit=limit)
+
+    def _writer_process_lost(self, session: Any) -> tuple[Writer | None, RunPool | None]:
+        """The writer process died under ``session`` (the OOM killer, a ``pkill``): the
+        rest of the search writes from threads here. Returns the writer and run pool to
+        use now (``None`` once :meth:`stop` ran)."""
+        with self._switch_lock:  # n_jobs > 1: several trials may find it dead at once
+            if self._writer is session and isinstance(session, ProcessSession):
+                self._abandon(session, "the rest of this search writes its runs from "
+                                       "threads in this process, and the")
+                self._start_threads(session.spare, session.budget_left)
+            return self._writer, self._pool
+
+    def _abandon(self, session: ProcessSession, going_on: str) -> None:
+        discard_runs(self._client, session.abandon())
+        self._writer_lost = True
+        warnings.warn(f"the writer process (pid {session.pid}) died mid-search; {going_on} "
+                      "runs of trials it had not written yet are rebuilt from Optuna's "
+                      "storage when optimize ends", RuntimeWarning, stacklevel=5)
+
+    def take_writer_lost(self) -> bool:
+        """Whether the writer process died under this search since last asked (warned):
+        the study then rebuilds the runs it had not written, once :meth:`stop` ran."""
+        lost, self._writer_lost = self._writer_lost, False
+        return lost
 
     def stop(self, meanwhile: Callable[[], None] | None = None) -> None:
         """Deliver (or spool) every queued write and delete unused spare runs; with the
@@ -168,8 +171,11 @@ class TrialTracker:
                 pool.close()
             if writer is not None:
                 if pool is writer:  # the writer process
-                    writer.close(timeout=self._retry.deadline + 30,  # type: ignore[call-arg]
-                                 meanwhile=meanwhile)
+                    try:
+                        writer.close(timeout=self._retry.deadline + 30,  # type: ignore[call-arg]
+                                     meanwhile=meanwhile)
+                    except WriterProcessLost:
+                        self._abandon(writer, "the")  # type: ignore[arg-type]
                 else:
                     writer.close(timeout=self._retry.deadline + 30)
                 self._inline.unsaved.extend(writer.unsaved)
@@ -223,7 +229,13 @@ class TrialTracker:
         """A run for the next trial (``None`` if the tracking server is away)."""
         pool = self._pool
         if pool is not None:
-            run = pool.take(self._run_wait)
+            try:
+                run = pool.take(self._run_wait)
+            except WriterProcessLost:
+                _, pool = self._writer_process_lost(pool)
+                if pool is None:
+                    return self._create_run()
+                run = pool.take(self._run_wait)
             if run is not None or not pool.exhausted:
                 return run
             # More trials than the budget the pool was sized for (a failed ask's run is
@@ -324,7 +336,14 @@ class TrialTracker:
         record.inputs = list(self.trial_inputs or ())
         writer = self._writer
         if writer is not None:
-            writer.put(record)
+            try:
+                writer.put(record)
+            except WriterProcessLost:
+                writer, _ = self._writer_process_lost(writer)
+                if writer is None:
+                    self._inline.write(record)
+                    return
+                writer.put(record)
             self._warn_if_behind(writer)
         else:
             self._inline.write(record)

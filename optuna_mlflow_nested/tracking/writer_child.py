@@ -52,7 +52,10 @@ def _serve(receive: Connection, reply: Connection) -> None:
                                 # made ahead in all as with writer threads
                                 options["study_name"], spare=max(1, options["spare"] - 1),
                                 threads=options["threads"], tags=options["pool_tags"],
-                                limit=options.get("limit"), start=False)  # see _serve's loop
+                                limit=options.get("limit"), start=False,  # see _serve's loop
+                                # the parent knows every run made: if this process dies,
+                                # it deletes those no trial took
+                                on_made=lambda run: send("spare", sid, run.info.run_id))
             self.opened = time.monotonic()
             self.client = client
             self.credit = threading.Semaphore(1)
