@@ -442,7 +442,8 @@ def test_a_sqlite_uri_with_a_query_names_its_file_without_the_query(
 
 
 @pytest.mark.parametrize(("when", "n_jobs"), [("mid-search", 1), ("mid-search", 2),
-                                              ("after the last hand-off", 1)])
+                                              ("after the last hand-off", 1),
+                                              ("stopped early", 1)])
 def test_a_writer_process_killed_mid_search_loses_no_trial(
         tracking_uri: str, monkeypatch: pytest.MonkeyPatch, when: str, n_jobs: int) -> None:
     # The writer process is SIGKILLed (the OOM killer, a `pkill python`): mid-search, the
@@ -450,6 +451,7 @@ def test_a_writer_process_killed_mid_search_loses_no_trial(
     # leaving the study short of its budget and runs RUNNING; after the last hand-off,
     # optimize's close raised it. Now the search goes on writing from threads; what the
     # writer process held (records, spare runs) is rebuilt from Optuna's storage or deleted.
+    # Stopped early (study.stop()), the budget left spare runs for close to delete.
     import mlflow
 
     from optuna_mlflow_nested.tracking.writer_process import WriterProcess
@@ -468,23 +470,30 @@ def test_a_writer_process_killed_mid_search_loses_no_trial(
         taken = set(study.run_ids().values())
         return len([r for r in pending if r.info.run_id not in taken])
 
+    def wait_for_spares() -> None:
+        # One spare at most is pushed to this process: two or more means the writer
+        # process dies with spares it made and had not pushed yet.
+        deadline = time.monotonic() + 60
+        while spare_runs() < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        spares_at_the_kill.append(spare_runs())
+
     def objective(trial: optuna.Trial) -> float:
         x = trial.suggest_float("x", -1, 1)
         mlflow.log_metric("inside", x)
         if trial.number == 5 and when == "mid-search":
             if n_jobs == 1:  # (two threads of instant trials take every spare at once)
-                # One spare at most is pushed to this process: two or more means the
-                # writer process dies with spares it made and had not pushed yet.
-                deadline = time.monotonic() + 60
-                while spare_runs() < 2 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                spares_at_the_kill.append(spare_runs())
+                wait_for_spares()
             kill_the_writer_process()
         return x * x
 
     def after_the_last(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.number == 15 and when == "after the last hand-off":
             kill_the_writer_process()  # its record was handed off before this callback
+        if trial.number == 5 and when == "stopped early":
+            wait_for_spares()
+            kill_the_writer_process()  # only optimize's close finds it dead
+            study.stop()
 
     monkeypatch.setenv("OMN_WRITER", "process")
     # A writer process that is up: the runs come from its pool (some made, not pushed yet).
@@ -494,13 +503,14 @@ def test_a_writer_process_killed_mid_search_loses_no_trial(
     with pytest.warns(RuntimeWarning, match="writer process .*died") as seen:
         study.optimize(objective, n_trials=16, n_jobs=n_jobs, callbacks=[after_the_last])
     assert len([w for w in seen if "died" in str(w.message)]) == 1
-    if when == "mid-search" and n_jobs == 1:
+    if n_jobs == 1 and when != "after the last hand-off":
         assert spares_at_the_kill == [2]
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 16
+    n_trials = 6 if when == "stopped early" else 16
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * n_trials
     runs = study.child_runs()
     assert runs["tags.optuna.trial_number"].notna().all(), "a spare run was left"
     numbers = [int(n) for n in runs["tags.optuna.trial_number"]]
-    assert sorted(numbers) == list(range(16))
+    assert sorted(numbers) == list(range(n_trials))
     assert set(runs["status"]) == {"FINISHED"}
     xs = [study.trials[n].params["x"] for n in numbers]
     assert runs["metrics.inside"].tolist() == pytest.approx(xs)
