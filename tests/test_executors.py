@@ -75,6 +75,55 @@ def test_process_pool_runs_the_exact_budget(tmp_path: Path, tracking_uri: str) -
     assert len({t.params["x"] for t in study.trials}) == 16, "workers were reseeded"
 
 
+def _write_one_row(path: str) -> str:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(path, timeout=0.5) as connection:
+            connection.execute("INSERT INTO t VALUES (2)")
+        return "written"
+    except sqlite3.OperationalError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_readme_a_worker_forked_while_a_sqlite_lock_is_held_can_never_write(
+        tmp_path: Path, journal: str) -> None:
+    # What the README's "SQLite and fork" says, and its advice: a forkserver pool's worker
+    # started at the same moment writes. Delete (rollback) journal, Optuna's SQLite
+    # storage: a read is enough; WAL, as this library's MLflow store: a write.
+    # (CPython's default start method on Linux is fork before 3.14.)
+    import multiprocessing
+    import sqlite3
+
+    path = str(tmp_path / "x.db")
+    with sqlite3.connect(path) as setup:
+        setup.execute(f"PRAGMA journal_mode={journal}")
+        setup.execute("CREATE TABLE t (a)")
+        setup.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(10)])
+    holder = sqlite3.connect(path)
+    if journal == "delete":
+        rows = holder.execute("SELECT * FROM t")
+        rows.fetchone()  # the statement is not finished: a read lock
+    else:
+        holder.execute("INSERT INTO t VALUES (3)")  # an open write transaction
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as forked, \
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as served:
+        forked.submit(os.getpid).result()  # both pools' workers start while it is held
+        served.submit(os.getpid).result()
+        if journal == "delete":
+            rows.fetchall()
+        else:
+            holder.commit()
+        holder.close()  # no process holds a lock now
+        assert served.submit(_write_one_row, path).result() == "written"
+        assert forked.submit(_write_one_row, path).result() == "database is locked"
+        # Rollback journal: its failed write leaves it holding a read lock for good, so no
+        # process can write while it lives.
+        after = served.submit(_write_one_row, path).result()
+        assert after == ("database is locked" if journal == "delete" else "written")
+
+
 def test_executor_input_errors(tmp_path: Path, tracking_uri: str) -> None:
     in_memory = omn.create_study("mem", tracking_uri=tracking_uri)
     with ProcessPoolExecutor(1) as pool:
