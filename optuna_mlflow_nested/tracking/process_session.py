@@ -91,7 +91,6 @@ class ProcessSession:
         self._waiting = 0  # trials waiting for the run it is making
         self.spare = spare  # runs kept ready for the trials
         self._closing = False
-        self._made_there: set[str] = set()  # runs the child made and no trial took, at close
         if not self._process.alive():
             raise RuntimeError("the writer process did not start")
         self._process.send("open", self._id, dict(
@@ -169,7 +168,8 @@ class ProcessSession:
         """The writer process died: stop making runs here, and return the ids of the
         runs no trial took (given back, made ahead here, made by the writer process:
         it said so as it made each), for the caller to delete."""
-        made_there = self._made_there | self._process.forget(self._id)
+        self._process.forget(self._id)
+        made_there = self._process.spares_left(self._id)
         with self._handed_lock:
             self._closing = True
             self._handed_lock.notify_all()
@@ -235,7 +235,7 @@ class ProcessSession:
               meanwhile: Callable[[], None] | None = None) -> bool:
         """Deliver the session's records and end it; ``meanwhile`` runs here while the
         child delivers."""
-        self._made_there = self._process.forget(self._id)  # abandon() needs them if it died
+        self._process.forget(self._id)
         with self._handed_lock:
             self._closing = True
             self._handed_lock.notify_all()
@@ -263,4 +263,5 @@ class ProcessSession:
             # Died while delivering: which records landed is not known here.
             self._given_back.extend(unused)  # it may not have deleted them
             raise WriterProcessLost(f"the writer process (pid {self.pid}) died")
+        self._process.spares_left(self._id)  # the child deleted those no trial took
         return reply is not None and bool(reply[0])

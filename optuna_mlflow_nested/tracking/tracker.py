@@ -142,9 +142,10 @@ class TrialTracker:
         use now (``None`` once :meth:`stop` ran)."""
         with self._switch_lock:  # n_jobs > 1: several trials may find it dead at once
             if self._writer is session and isinstance(session, ProcessSession):
+                # Threads first: a run a failed ask gives back from now on goes to them.
+                self._start_threads(session.spare, session.budget_left)
                 self._abandon(session, "the rest of this search writes its runs from "
                                        "threads in this process, and the")
-                self._start_threads(session.spare, session.budget_left)
             return self._writer, self._pool
 
     def _abandon(self, session: ProcessSession, going_on: str) -> None:

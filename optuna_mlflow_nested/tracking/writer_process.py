@@ -127,8 +127,7 @@ class WriterProcess:
                     if key not in self._closed:  # one pushed as the session closed: the
                         self._runs.setdefault(key, collections.deque()).append(payload)  # child deletes it
                 elif kind == "spare":  # made (pushed later): if it dies, it is known here
-                    if key not in self._closed:
-                        self._spares.setdefault(key, set()).add(payload)
+                    self._spares.setdefault(key, set()).add(payload)  # also once forgotten
                 elif kind == "lag":
                     self._lags[key] = payload
                 elif kind == "warn":  # said in the child (the spool): said again here
@@ -202,18 +201,23 @@ class WriterProcess:
                 category = RuntimeWarning
             warnings.warn(text, category, stacklevel=3)
 
-    def forget(self, session: str) -> set[str]:
+    def forget(self, session: str) -> None:
         """``session`` closes: runs the child pushes for it from now on are dropped here
-        (the child deletes every run it pushed that the session did not take).
-
-        Returns:
-            The ids of the runs the child made for ``session`` that it did not take
-            (pushed or not: a dead child's, for the caller to delete).
-        """
+        (the child deletes every run it pushed that the session did not take)."""
         with self._cond:
             self._closed.add(session)
             self._lags.pop(session, None)
             self._runs.pop(session, None)
+
+    def spares_left(self, session: str) -> set[str]:
+        """The ids of the runs the child made for ``session`` that it did not take,
+        pushed or not (asked once: when the session closed, or the child died).
+
+        A dead child's messages are all read first (its pipe's end comes soon after).
+        """
+        if not self.alive():
+            self._reader.join(timeout=5)
+        with self._cond:
             return self._spares.pop(session, set())
 
     def stop(self) -> None:
