@@ -520,3 +520,66 @@ def test_a_writer_process_killed_mid_search_loses_no_trial(
     everything = client.search_runs([study.experiment_id], run_view_type=ViewType.ALL)
     assert "RUNNING" not in {r.info.status for r in everything}
     assert client.get_run(study.parent_run_id).info.status == "FINISHED"
+
+
+def test_a_writer_process_that_dies_as_the_search_begins_leaves_the_search_to_threads(
+        tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The writer process can die between WriterProcess.get(), which found it alive, and
+    # the session's "open" message (SIGKILLed in that window here): optimize used to
+    # raise out of its start, the parent run FAILED and no trial ran.
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    real_get = WriterProcess.get.__func__  # type: ignore[attr-defined]
+    killed: list[int] = []
+
+    def get_then_killed(cls: type[WriterProcess]) -> WriterProcess:
+        process = real_get(cls)
+        if armed:
+            process._proc.send_signal(signal.SIGKILL)
+            process._proc.wait()
+            killed.append(process.pid)
+        return process
+
+    monkeypatch.setenv("OMN_WRITER", "process")
+    monkeypatch.setattr(WriterProcess, "get", classmethod(get_then_killed))
+    study = omn.create_study("writer-dies-at-start", tracking_uri=tracking_uri,
+                             sampler="random", seed=0)
+    armed = True
+    with pytest.warns(RuntimeWarning, match="writer process .*died") as seen:
+        study.optimize(_quadratic, n_trials=6)
+    armed = False
+    assert killed and len([w for w in seen if "died" in str(w.message)]) == 1
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
+    _assert_one_run_per_trial_and_none_running(study, tracking_uri, 6)
+    assert set(study.child_runs()["status"]) == {"FINISHED"}
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(study.parent_run_id).info.status == "FINISHED"
+    # The next search has a writer process again.
+    study.optimize(_quadratic, n_trials=2)
+    assert WriterProcess.get().alive() and WriterProcess.get().pid not in killed
+    _assert_one_run_per_trial_and_none_running(study, tracking_uri, 8)
+
+
+def test_a_run_given_back_counts_in_the_budget_the_threads_take_over(
+        tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # If the writer process dies, the threads' run pool is sized by ProcessSession's
+    # budget_left. A run a failed ask gave back was counted as handed out, so the
+    # threads made one run fewer than the budget needed (and a trial made its own).
+    from optuna_mlflow_nested.tracking.process_session import ProcessSession
+    from optuna_mlflow_nested.tracking.tracker import TrialTracker
+
+    monkeypatch.setenv("OMN_WRITER", "process")
+    study = omn.create_study("given-back", tracking_uri=tracking_uri)
+    tracker = TrialTracker(tracking_uri=tracking_uri, experiment_id=study.experiment_id,
+                           parent_run_id=study.parent_run_id, study_name="given-back")
+    tracker.start(n_jobs=1, n_trials=3)
+    try:
+        session = tracker._pool
+        assert isinstance(session, ProcessSession)
+        run = tracker.take_run()
+        assert run is not None and session.budget_left == 2
+        tracker.give_back(run)
+        assert session.budget_left == 3
+        assert tracker.take_run() is run and session.budget_left == 2
+    finally:
+        tracker.stop()

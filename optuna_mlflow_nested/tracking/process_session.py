@@ -54,7 +54,8 @@ class WriterProcessLost(RuntimeError):
 
     The tracker then writes the rest of the session from threads in the calling
     process; the records the writer process had not delivered are rebuilt from Optuna's
-    storage at the session's end (see ``TrialTracker.lost_sessions``).
+    storage at the session's end (see ``TrialTracker.take_writer_lost``). If it died as
+    the session opened, the whole search writes from threads.
     """
 
 
@@ -77,7 +78,7 @@ class ProcessSession:
         The trials' records are handed off all the same; the writer process reads them
         once it is up. ``limit``: the most runs the session needs (``n_trials``): past
         it, :meth:`take` gives none (see :attr:`exhausted`)."""
-        self._process = WriterProcess.get()
+        self._process = WriterProcess.get()  # (started anew if it died since last used)
         self._id = uuid.uuid4().hex
         self._retry_deadline = retry_deadline
         self._create_run = create_run
@@ -91,12 +92,17 @@ class ProcessSession:
         self._waiting = 0  # trials waiting for the run it is making
         self.spare = spare  # runs kept ready for the trials
         self._closing = False
-        if not self._process.alive():
-            raise RuntimeError("the writer process did not start")
-        self._process.send("open", self._id, dict(
-            tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent_run_id,
-            study_name=study_name, spare=spare, threads=threads, spool_path=spool_path,
-            retry_deadline=retry_deadline, pool_tags=pool_tags, limit=limit))
+        try:  # it may die between get() and here: nothing of this session is lost yet
+            if not self._process.alive():
+                raise OSError("not alive")
+            self._process.send("open", self._id, dict(
+                tracking_uri=tracking_uri, experiment_id=experiment_id,
+                parent_run_id=parent_run_id, study_name=study_name, spare=spare,
+                threads=threads, spool_path=spool_path, retry_deadline=retry_deadline,
+                pool_tags=pool_tags, limit=limit))
+        except OSError as exc:
+            raise WriterProcessLost(f"the writer process (pid {self.pid}) died as the "
+                                    "search began") from exc
         self._ahead_thread: threading.Thread | None = None
         if self._starting():
             self._ahead_active = True
@@ -161,8 +167,10 @@ class ProcessSession:
     @property
     def budget_left(self) -> int | None:
         """Runs of the ``limit`` not handed out yet (``None``: no limit)."""
-        with self._handed_lock:
-            return None if self._limit is None else max(0, self._limit - self._handed)
+        with self._handed_lock:  # a run given back is the budget's again
+            if self._limit is None:
+                return None
+            return max(0, self._limit - self._handed + len(self._given_back))
 
     def abandon(self) -> list[str]:
         """The writer process died: stop making runs here, and return the ids of the

@@ -119,14 +119,16 @@ class TrialTracker:
         workers = n_jobs if n_jobs > 0 else (os.cpu_count() or 1)
         self._http_retries.enter_context(short_http_retries(self.tracking_uri))
         if uses_writer_process():
-            session = ProcessSession(
-                tracking_uri=self.tracking_uri, experiment_id=self.experiment_id,
-                parent_run_id=self.parent_run_id, study_name=self.study_name, spare=workers + 1,
-                threads=self._threads, spool_path=str(self._spool.path),
-                retry_deadline=self._retry.deadline, pool_tags=self._pool_tags,
-                create_run=self._create_run, limit=n_trials)
-            self._writer = self._pool = session  # type: ignore[assignment]
-        else:
+            try:
+                self._writer = self._pool = ProcessSession(  # type: ignore[assignment]
+                    tracking_uri=self.tracking_uri, experiment_id=self.experiment_id, limit=n_trials,
+                    parent_run_id=self.parent_run_id, study_name=self.study_name, spare=workers + 1,
+                    threads=self._threads, spool_path=str(self._spool.path), pool_tags=self._pool_tags,
+                    retry_deadline=self._retry.deadline, create_run=self._create_run)
+            except WriterProcessLost as exc:  # died as the search began: nothing to mend
+                warnings.warn(f"{exc}; this search writes its runs from threads in this "
+                              "process", RuntimeWarning, stacklevel=3)
+        if self._writer is None:
             self._start_threads(workers + 1, n_trials)
         _live_trackers.add(self)
 
@@ -260,11 +262,9 @@ class TrialTracker:
 
     def give_back(self, run: Run | None) -> None:
         """A run from :meth:`take_run` that no trial got (the ask failed)."""
-        if run is None:
-            return
-        if self._pool is not None:
+        if run is not None and self._pool is not None:
             self._pool.put_back(run)
-        else:
+        elif run is not None:
             discard_runs(self._client, [run.info.run_id])
 
     @property
