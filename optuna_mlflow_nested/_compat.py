@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 import contextlib
 import logging
+import os
 import threading
 from typing import Any
 
@@ -230,6 +231,55 @@ def add_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.tr
         )
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=trial)
     return study._storage.get_trial(trial_id)
+
+
+def add_waiting_trials(study: optuna.Study, n: int) -> list[optuna.trial.FrozenTrial]:
+    """``n`` bare WAITING trials added to ``study``, as added, in number order.
+
+    :func:`add_trial` reads each trial back after adding it (a transaction each, 4 ms a
+    trial on a SQLite file here); an executor's budget of ``n`` trials is read back in one
+    query instead. A trial another process took meanwhile (Optuna's ask pops WAITING
+    trials) is read on its own.
+    """
+    storage = study._storage
+    template = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING)
+    ids: list[int] = []
+    for _ in range(n):
+        ids.append(storage.create_new_trial(study._study_id, template_trial=template))
+    if not ids:
+        return []
+    wanted = set(ids)
+    found = {trial_id(t): t for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.WAITING,)) if trial_id(t) in wanted}
+    return [found[i] if i in found else storage.get_trial(i) for i in ids]
+
+
+def never_create_sqlite_stores() -> None:
+    """From now on, in this process, opening a SQLite tracking store whose file is
+    missing raises ``FileNotFoundError`` instead of making its folder and a new store.
+
+    For the writer process, which only opens stores the calling process made: one
+    removed since (a temporary folder) would be made again and left behind. MLflow makes
+    a SQLite file's parent folders as it opens a store (``_make_parent_dirs_if_sqlite``,
+    MLflow 3.x), with no option to open an existing file only; its imports on first use
+    take long enough in a fresh process for a check made before the open to be stale.
+    Without that function (other MLflow versions), that earlier check is all there is.
+    """
+    from mlflow.store.db import utils
+
+    make_parent_dirs = getattr(utils, "_make_parent_dirs_if_sqlite", None)
+    if make_parent_dirs is None or getattr(make_parent_dirs, "omn_refuses_missing", False):
+        return
+
+    def refuse_missing(db_uri: str) -> None:
+        path = db_uri.removeprefix("sqlite:///").split("?", 1)[0]
+        if db_uri.startswith("sqlite:///") and path not in ("", ":memory:") \
+                and not os.path.exists(path):
+            raise FileNotFoundError(f"{path} was removed")
+        make_parent_dirs(db_uri)
+
+    refuse_missing.omn_refuses_missing = True  # type: ignore[attr-defined]
+    utils._make_parent_dirs_if_sqlite = refuse_missing
 
 
 def set_trial_system_attr(trial: optuna.Trial, key: str, value: Any) -> None:

@@ -29,7 +29,6 @@ import warnings
 from filelock import FileLock
 import optuna
 from optuna.trial import TrialState
-from optuna.trial import create_trial
 
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
@@ -272,10 +271,9 @@ def optimize_with_executor(
     workers = _resolve_workers(executor, n_workers)
     storage, _ = _compat.study_storage(study)
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    for _ in range(max(0, n_trials - len(waiting))):
-        # A bare WAITING trial (not enqueue_trial({}), whose empty fixed params the
-        # GridSampler refuses): the sampler picks its params when a worker takes it.
-        waiting.append(_compat.add_trial(study, create_trial(state=TrialState.WAITING)))
+    # Bare WAITING trials (not enqueue_trial({}), whose empty fixed params the
+    # GridSampler refuses): the sampler picks their params when a worker takes them.
+    waiting += _compat.add_waiting_trials(study, max(0, n_trials - len(waiting)))
     queued = {t.number for t in waiting}
     spec = WorkerSpec(
         study_name=study.study_name, storage=storage, tracking_uri=study.tracking_uri,

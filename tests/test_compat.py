@@ -216,3 +216,64 @@ def test_quiet_retried_store_errors_drops_mlflows_traceback_only_in_retrying_thr
     assert "Traceback" not in said[0]
     assert "Traceback" in said[1] and "locked" in said[1]
     assert said[2].count("Traceback") == said[1].count("Traceback")  # the second write's
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "memory"])
+def test_add_waiting_trials_adds_them_in_number_order_read_back_at_once(
+        tmp_path: Path, kind: str) -> None:
+    import sqlalchemy
+    from sqlalchemy.engine import Engine
+
+    storage: str | optuna.storages.BaseStorage | None = {
+        "sqlite": f"sqlite:///{tmp_path / 'optuna.db'}",
+        "journal": optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log"))),
+        "memory": None}[kind]
+    study = optuna.create_study(storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    commits = 0
+
+    def count(connection: sqlalchemy.Connection) -> None:
+        nonlocal commits
+        commits += 1
+
+    sqlalchemy.event.listen(Engine, "commit", count)
+    try:
+        added = _compat.add_waiting_trials(study, 30)
+    finally:
+        sqlalchemy.event.remove(Engine, "commit", count)
+    assert [t.number for t in added] == list(range(2, 32))
+    assert {t.state for t in added} == {optuna.trial.TrialState.WAITING}
+    assert [_compat.trial_id(t) for t in added] == [
+        _compat.trial_id(t) for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+    if kind == "sqlite":  # one write each, then one read (add_trial: a read after each)
+        assert commits <= 30 + 2, commits
+    assert _compat.add_waiting_trials(study, 0) == []
+
+
+def test_never_create_sqlite_stores_refuses_a_missing_file_and_opens_an_existing_one(
+        tmp_path: Path) -> None:
+    # In a fresh interpreter: the patch is process-wide (the writer process's).
+    import subprocess
+    import sys
+    import textwrap
+
+    existing = f"sqlite:///{tmp_path / 'here' / 'mlflow.db'}"
+    MlflowClient(existing).search_experiments()  # made by "the calling process"
+    removed = tmp_path / "removed"
+    code = textwrap.dedent(f"""
+        from mlflow.tracking import MlflowClient
+        from optuna_mlflow_nested import _compat
+        _compat.never_create_sqlite_stores()
+        _compat.never_create_sqlite_stores()  # twice: still one check
+        MlflowClient({existing!r}).search_experiments()
+        try:
+            MlflowClient("sqlite:///{removed / 'mlflow.db'}").search_experiments()
+        except FileNotFoundError as exc:
+            print("refused:", exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"refused: {removed / 'mlflow.db'} was removed" in done.stdout
+    assert not removed.exists()

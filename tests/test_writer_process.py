@@ -583,3 +583,27 @@ def test_a_run_given_back_counts_in_the_budget_the_threads_take_over(
         assert tracker.take_run() is run and session.budget_left == 2
     finally:
         tracker.stop()
+
+
+def test_a_store_removed_before_the_writer_process_opened_it_is_not_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A study made in a temporary folder removed soon after (a script, a benchmark
+    # round): a fresh writer process read the study's "prepare" only after the folder was
+    # gone, and opening the store made the folder and a new, migrated mlflow.db again,
+    # left behind after the program ended.
+    import shutil
+
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    monkeypatch.setenv("OMN_WRITER", "process")
+    old = WriterProcess.get()._proc
+    old.kill()  # the next study starts a fresh (cold) writer process and prepares it
+    old.wait()
+    folder = tmp_path / "removed-soon"
+    omn.create_study("removed-soon", tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    process = WriterProcess.get()
+    assert process.pid != old.pid and not process.ready  # the prepare waits in its pipe
+    shutil.rmtree(folder)
+    # Answered after every message sent before it, the prepare included.
+    assert process.request("flush", "no-such-session", timeout=120) is True
+    assert not folder.exists()

@@ -41,12 +41,17 @@ def sqlite_path(uri: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
-def get_client(tracking_uri: str) -> MlflowClient:
+def get_client(tracking_uri: str, *, create: bool = True) -> MlflowClient:
     """A cached client whose store is opened once per process.
 
     For SQLite files the first open (MLflow's schema migration) runs under a file lock
     shared by every process, because concurrent migrations of one fresh file corrupt
     it ("duplicate column name").
+
+    Raises:
+        FileNotFoundError: ``create=False`` and the SQLite file is gone (the writer
+            process, opening a store the calling process made and may have removed
+            since: opening it would make the folder and a new store again).
     """
     with _client_lock:
         client = _clients.get(tracking_uri)
@@ -54,6 +59,8 @@ def get_client(tracking_uri: str) -> MlflowClient:
             return client
         db_path = sqlite_path(tracking_uri)
         lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if db_path is not None and not create and not db_path.exists():
+            raise FileNotFoundError(f"{db_path} was removed")
         if db_path is not None:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             lock = FileLock(f"{db_path}.lock")

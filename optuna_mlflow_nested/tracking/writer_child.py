@@ -28,7 +28,6 @@ from optuna_mlflow_nested.tracking.records import RunRecord
 def _serve(receive: Connection, reply: Connection) -> None:
     from optuna_mlflow_nested._utils import redact_secrets
     from optuna_mlflow_nested.tracking.clients import get_client
-    from optuna_mlflow_nested.tracking.clients import sqlite_path
     from optuna_mlflow_nested.tracking.delivery import RetryPolicy
     from optuna_mlflow_nested.tracking.run_pool import RunPool
     from optuna_mlflow_nested.tracking.spool import Spool
@@ -124,13 +123,13 @@ def _serve(receive: Connection, reply: Connection) -> None:
                 return
         done = False
         try:
-            store_file = sqlite_path(tracking_uri)
-            if store_file is not None and not store_file.exists():
-                # Removed after optimize returned (a temporary folder): opening it would
-                # create the folder again, or have MLflow retry for minutes first.
-                logging.getLogger(__name__).debug("no figures: %s was removed", store_file)
-            else:
-                log_figures(get_client(tracking_uri), run_id, study_from_snapshot(snapshot))
+            # A store removed after optimize returned (a temporary folder) is not made
+            # again; MLflow would first retry for a minute and a half.
+            log_figures(get_client(tracking_uri, create=False), run_id,
+                        study_from_snapshot(snapshot))
+            done = True
+        except FileNotFoundError as exc:
+            logging.getLogger(__name__).debug("no figures: %s", exc)
             done = True
         except Exception as exc:  # the parent draws them itself then
             logging.getLogger(__name__).warning("could not draw the figures here: %s",
@@ -182,7 +181,7 @@ def _serve(receive: Connection, reply: Connection) -> None:
             unstarted.append(sessions[key])
         elif kind == "prepare":  # a study was made: its optimize is likely to come
             with contextlib.suppress(Exception):  # the session says what is wrong, if it must
-                get_client(message[2])
+                get_client(message[2], create=False)  # (removed since: not made again)
         elif kind == "figures":  # one at a time, in the order asked: a later search's
             with newest_lock:  # figures are never overwritten by older ones
                 newest[message[3]] = key
@@ -227,6 +226,9 @@ def main(argv: list[str]) -> None:
     for key, value in {**SHORT_HTTP_RETRIES, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}.items():
         os.environ.setdefault(key, value)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    from optuna_mlflow_nested import _compat
+
+    _compat.never_create_sqlite_stores()  # only stores the parent made, never one removed since
     receive = Connection(int(argv[0]), writable=False)
     reply = Connection(int(argv[1]), readable=False)
     _serve(receive, reply)
