@@ -258,23 +258,26 @@ def never_create_sqlite_stores() -> None:
     """From now on, in this process, opening a SQLite tracking store whose file is
     missing raises ``FileNotFoundError`` instead of making its folder and a new store.
 
-    For the writer process, which only opens stores the calling process made: one
-    removed since (a temporary folder) would be made again and left behind. MLflow makes
-    a SQLite file's parent folders as it opens a store (``_make_parent_dirs_if_sqlite``,
-    MLflow 3.x), with no option to open an existing file only; its imports on first use
-    take long enough in a fresh process for a check made before the open to be stale.
-    Without that function (other MLflow versions), that earlier check is all there is.
+    For ``clients.get_client(create=False)``: the writer process only opens stores the
+    calling process made, and one removed since (a temporary folder) would be made
+    again and left behind. MLflow makes a SQLite file's parent folders as it opens a
+    store (``_make_parent_dirs_if_sqlite``, MLflow 3.x), with no option to open an
+    existing file only; its imports on first use take long enough in a fresh process for
+    a check made before the open to be stale. Without that function (another MLflow
+    release), the check before the open is all there is.
     """
-    from mlflow.store.db import utils
-
+    try:
+        from mlflow.store.db import utils
+        from sqlalchemy.engine import make_url
+    except ImportError:
+        return
     make_parent_dirs = getattr(utils, "_make_parent_dirs_if_sqlite", None)
     if make_parent_dirs is None or getattr(make_parent_dirs, "omn_refuses_missing", False):
         return
 
     def refuse_missing(db_uri: str) -> None:
-        path = db_uri.removeprefix("sqlite:///").split("?", 1)[0]
-        if db_uri.startswith("sqlite:///") and path not in ("", ":memory:") \
-                and not os.path.exists(path):
+        path = make_url(db_uri).database if db_uri.startswith("sqlite:///") else None
+        if path not in (None, "", ":memory:") and not os.path.exists(path):
             raise FileNotFoundError(f"{path} was removed")
         make_parent_dirs(db_uri)
 

@@ -541,6 +541,7 @@ def test_a_writer_process_that_dies_as_the_search_begins_leaves_the_search_to_th
         return process
 
     monkeypatch.setenv("OMN_WRITER", "process")
+    armed = False  # not while create_study starts the writer process ahead
     monkeypatch.setattr(WriterProcess, "get", classmethod(get_then_killed))
     study = omn.create_study("writer-dies-at-start", tracking_uri=tracking_uri,
                              sampler="random", seed=0)
@@ -607,3 +608,40 @@ def test_a_store_removed_before_the_writer_process_opened_it_is_not_made_again(
     # Answered after every message sent before it, the prepare included.
     assert process.request("flush", "no-such-session", timeout=120) is True
     assert not folder.exists()
+
+
+def test_figures_of_a_store_the_writer_process_has_open_are_dropped_once_it_is_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As above, for the usual case: the writer process opened the store for the search
+    # (its client is cached), and the folder is removed right after optimize returned.
+    import shutil
+
+    from optuna_mlflow_nested.tracking.figures import trials_snapshot
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    monkeypatch.setenv("OMN_WRITER", "process")
+    folder = tmp_path / "removed-after"
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    study = omn.create_study("removed-after", tracking_uri=uri, sampler="random", seed=0)
+    study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=3)
+    assert study.wait_for_figures(timeout=120)
+    other = MlflowClient(uri).create_run(study.experiment_id).info  # figures not drawn yet
+    shutil.rmtree(folder)
+    process = WriterProcess.get()
+    token = process.submit("figures", uri, other.run_id, trials_snapshot(study))
+    assert process.reply(token, timeout=30) is True  # nothing left to draw on
+    assert not folder.exists()
+    # Drawn anyway, through the connection still open on the removed file, they were
+    # logged where the store keeps artifacts (here, under the working directory).
+    assert not [p for p in Path.cwd().rglob("*.png") if other.run_id in str(p)]
+
+
+def test_a_sqlite_uri_names_the_file_sqlalchemy_opens() -> None:
+    # A percent-encoded path ("a%20b") is the folder "a b" to SQLAlchemy: the writer
+    # process looked for "a%20b", found no file, and refused to open the store.
+    from optuna_mlflow_nested.tracking.clients import sqlite_path
+
+    assert sqlite_path("sqlite:////tmp/a%20b/mlflow.db?timeout=30") == Path("/tmp/a b/mlflow.db")
+    assert sqlite_path("sqlite:///mlflow.db") == Path("mlflow.db")
+    assert sqlite_path("sqlite:///:memory:") is None and sqlite_path("sqlite://") is None
+    assert sqlite_path("http://127.0.0.1:5000") is None

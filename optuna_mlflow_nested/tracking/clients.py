@@ -33,12 +33,15 @@ _clients: dict[str, MlflowClient] = {}
 def sqlite_path(uri: str) -> Path | None:
     """The file of a ``sqlite:///`` URI, or ``None`` for other URIs and in-memory SQLite.
 
-    A query (``?timeout=30``, which SQLAlchemy passes to the driver) is not part of it.
+    Read as SQLAlchemy reads it, the file it opens: a query (``?timeout=30``, passed to
+    the driver) is not part of it, and ``%20`` is a space.
     """
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///") :].split("?", 1)[0]
-    return None if path in ("", ":memory:") else Path(path)
+    from sqlalchemy.engine import make_url  # (not imported for a tracking server)
+
+    path = make_url(uri).database
+    return None if path in (None, "", ":memory:") else Path(path)
 
 
 def get_client(tracking_uri: str, *, create: bool = True) -> MlflowClient:
@@ -53,15 +56,17 @@ def get_client(tracking_uri: str, *, create: bool = True) -> MlflowClient:
             process, opening a store the calling process made and may have removed
             since: opening it would make the folder and a new store again).
     """
+    db_path = sqlite_path(tracking_uri)
+    if db_path is not None and not create:
+        if not db_path.exists():  # also for a cached client: it would write to a removed file
+            raise FileNotFoundError(f"{db_path} was removed")
+        _compat.never_create_sqlite_stores()  # (removed while MLflow opens it)
     with _client_lock:
         client = _clients.get(tracking_uri)
         if client is not None:
             return client
-        db_path = sqlite_path(tracking_uri)
         lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
-        if db_path is not None and not create and not db_path.exists():
-            raise FileNotFoundError(f"{db_path} was removed")
-        if db_path is not None:
+        if db_path is not None and create:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             lock = FileLock(f"{db_path}.lock")
         with lock:

@@ -127,7 +127,7 @@ class TrialTracker:
                     retry_deadline=self._retry.deadline, create_run=self._create_run)
             except WriterProcessLost as exc:  # died as the search began: nothing to mend
                 warnings.warn(f"{exc}; this search writes its runs from threads in this "
-                              "process", RuntimeWarning, stacklevel=3)
+                              "process", RuntimeWarning, stacklevel=4)
         if self._writer is None:
             self._start_threads(workers + 1, n_trials)
         _live_trackers.add(self)

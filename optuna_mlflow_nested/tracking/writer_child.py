@@ -226,9 +226,6 @@ def main(argv: list[str]) -> None:
     for key, value in {**SHORT_HTTP_RETRIES, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}.items():
         os.environ.setdefault(key, value)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-    from optuna_mlflow_nested import _compat
-
-    _compat.never_create_sqlite_stores()  # only stores the parent made, never one removed since
     receive = Connection(int(argv[0]), writable=False)
     reply = Connection(int(argv[1]), readable=False)
     _serve(receive, reply)
