@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 import contextlib
 import logging
-import os
 import threading
 from typing import Any
 
@@ -236,10 +235,9 @@ def add_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.tr
 def add_waiting_trials(study: optuna.Study, n: int) -> list[optuna.trial.FrozenTrial]:
     """``n`` bare WAITING trials added to ``study``, as added, in number order.
 
-    :func:`add_trial` reads each trial back after adding it (a transaction each, 4 ms a
-    trial on a SQLite file here); an executor's budget of ``n`` trials is read back in one
-    query instead. A trial another process took meanwhile (Optuna's ask pops WAITING
-    trials) is read on its own.
+    :func:`add_trial` reads each trial back after adding it (a transaction each); an
+    executor's budget of ``n`` trials is read back in one query instead. A trial another
+    process took meanwhile (Optuna's ask pops WAITING trials) is read on its own.
     """
     storage = study._storage
     template = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING)
@@ -251,7 +249,7 @@ def add_waiting_trials(study: optuna.Study, n: int) -> list[optuna.trial.FrozenT
     wanted = set(ids)
     found = {trial_id(t): t for t in study.get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.WAITING,)) if trial_id(t) in wanted}
-    return [found[i] if i in found else storage.get_trial(i) for i in ids]
+    return [found.get(i) or storage.get_trial(i) for i in ids]
 
 
 def never_create_sqlite_stores() -> None:
@@ -266,9 +264,10 @@ def never_create_sqlite_stores() -> None:
     a check made before the open to be stale. Without that function (another MLflow
     release), the check before the open is all there is.
     """
+    from optuna_mlflow_nested.tracking.clients import sqlite_path  # (it imports this module)
+
     try:
         from mlflow.store.db import utils
-        from sqlalchemy.engine import make_url
     except ImportError:
         return
     make_parent_dirs = getattr(utils, "_make_parent_dirs_if_sqlite", None)
@@ -276,8 +275,8 @@ def never_create_sqlite_stores() -> None:
         return
 
     def refuse_missing(db_uri: str) -> None:
-        path = make_url(db_uri).database if db_uri.startswith("sqlite:///") else None
-        if path not in (None, "", ":memory:") and not os.path.exists(path):
+        path = sqlite_path(db_uri)
+        if path is not None and not path.exists():
             raise FileNotFoundError(f"{path} was removed")
         make_parent_dirs(db_uri)
 

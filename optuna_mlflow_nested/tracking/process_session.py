@@ -92,23 +92,26 @@ class ProcessSession:
         self._waiting = 0  # trials waiting for the run it is making
         self.spare = spare  # runs kept ready for the trials
         self._closing = False
-        try:  # it may die between get() and here: nothing of this session is lost yet
-            if not self._process.alive():
-                raise OSError("not alive")
+        # It may die between get() and the open: nothing of this session is lost yet.
+        if not self._process.alive():
+            raise self._lost("died as the search began")
+        try:
             self._process.send("open", self._id, dict(
                 tracking_uri=tracking_uri, experiment_id=experiment_id,
                 parent_run_id=parent_run_id, study_name=study_name, spare=spare,
                 threads=threads, spool_path=spool_path, retry_deadline=retry_deadline,
                 pool_tags=pool_tags, limit=limit))
         except OSError as exc:
-            raise WriterProcessLost(f"the writer process (pid {self.pid}) died as the "
-                                    "search began") from exc
+            raise self._lost("died as the search began") from exc
         self._ahead_thread: threading.Thread | None = None
         if self._starting():
             self._ahead_active = True
             self._ahead_thread = threading.Thread(target=self._make_ahead, daemon=True,
                                                   name="omn-runs-while-starting")
             self._ahead_thread.start()
+
+    def _lost(self, what: str = "died") -> WriterProcessLost:
+        return WriterProcessLost(f"the writer process (pid {self.pid}) {what}")
 
     def _starting(self) -> bool:
         return not self._process.ready and self._process.alive()
@@ -157,7 +160,7 @@ class ProcessSession:
         try:
             self._process.send("record", self._id, record)
         except OSError as exc:  # the pipe's reader is gone
-            raise WriterProcessLost(f"the writer process (pid {self.pid}) died") from exc
+            raise self._lost() from exc
         self._process.repeat_warnings()
 
     @property
@@ -220,7 +223,7 @@ class ProcessSession:
         if run is None and not self._process.alive():
             with self._handed_lock:
                 self._handed -= 1  # not handed: the budget left is the tracker's now
-            raise WriterProcessLost(f"the writer process (pid {self.pid}) died")
+            raise self._lost()
         if run is not None:  # the child pushes another spare and knows this one is taken
             with contextlib.suppress(OSError):  # died since: this run is the trial's
                 self._process.send("took", self._id, run.info.run_id)
@@ -255,7 +258,7 @@ class ProcessSession:
         try:
             token = self._process.submit("close", self._id, given_back)
         except OSError as exc:  # died: abandon() has the runs to delete
-            raise WriterProcessLost(f"the writer process (pid {self.pid}) died") from exc
+            raise self._lost() from exc
         with self._handed_lock:  # the child deletes them now
             self._given_back.clear()
             self._ahead.clear()
@@ -270,6 +273,6 @@ class ProcessSession:
         if reply is None and not self._process.alive():
             # Died while delivering: which records landed is not known here.
             self._given_back.extend(unused)  # it may not have deleted them
-            raise WriterProcessLost(f"the writer process (pid {self.pid}) died")
+            raise self._lost()
         self._process.spares_left(self._id)  # the child deleted those no trial took
         return reply is not None and bool(reply[0])

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import contextlib
 import math
 import os
-from pathlib import Path
 import threading
 import traceback
 from typing import Any
@@ -121,10 +120,11 @@ class TrialTracker:
         if uses_writer_process():
             try:
                 self._writer = self._pool = ProcessSession(  # type: ignore[assignment]
-                    tracking_uri=self.tracking_uri, experiment_id=self.experiment_id, limit=n_trials,
-                    parent_run_id=self.parent_run_id, study_name=self.study_name, spare=workers + 1,
-                    threads=self._threads, spool_path=str(self._spool.path), pool_tags=self._pool_tags,
-                    retry_deadline=self._retry.deadline, create_run=self._create_run)
+                    tracking_uri=self.tracking_uri, experiment_id=self.experiment_id,
+                    parent_run_id=self.parent_run_id, study_name=self.study_name,
+                    spare=workers + 1, threads=self._threads, spool_path=str(self._spool.path),
+                    retry_deadline=self._retry.deadline, pool_tags=self._pool_tags,
+                    create_run=self._create_run, limit=n_trials)
             except WriterProcessLost as exc:  # died as the search began: nothing to mend
                 warnings.warn(f"{exc}; this search writes its runs from threads in this "
                               "process", RuntimeWarning, stacklevel=4)
@@ -185,10 +185,6 @@ class TrialTracker:
         finally:
             self._http_retries.close()
             _live_trackers.discard(self)
-
-    @property
-    def spool_path(self) -> Path:
-        return self._spool.path
 
     def warn_if_unsaved(self, stacklevel: int) -> None:
         """One warning for records neither delivered nor spooled, saying how to rebuild them."""
@@ -262,9 +258,11 @@ class TrialTracker:
 
     def give_back(self, run: Run | None) -> None:
         """A run from :meth:`take_run` that no trial got (the ask failed)."""
-        if run is not None and self._pool is not None:
+        if run is None:
+            return
+        if self._pool is not None:
             self._pool.put_back(run)
-        elif run is not None:
+        else:
             discard_runs(self._client, [run.info.run_id])
 
     @property
