@@ -218,9 +218,9 @@ class NestedStudy(optuna.Study):
             tracker.start(n_jobs, n_trials)
             try:
                 super().optimize(
-                    tracker.wrap(func), n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
-                    catch=catch, callbacks=self._callbacks(tracker, callbacks),
-                    gc_after_trial=gc_after_trial, show_progress_bar=show_progress_bar)
+                    ending.warm_up(tracker.wrap(func)) if ending else tracker.wrap(func), n_trials,
+                    timeout=timeout, n_jobs=n_jobs, catch=catch, gc_after_trial=gc_after_trial,
+                    callbacks=self._callbacks(tracker, callbacks), show_progress_bar=show_progress_bar)
             except BudgetSpent:  # an executor worker found the shared budget spent
                 pass
             finally:

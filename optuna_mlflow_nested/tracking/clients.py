@@ -205,7 +205,9 @@ def global_tracking_uri(tracking_uri: str) -> Iterator[None]:
         if not _uri_users:
             _uri_saved = (_compat.explicit_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
         _uri_users[tracking_uri] = _uri_users.get(tracking_uri, 0) + 1
-        if mlflow.get_tracking_uri() != tracking_uri:
+        # Not mlflow.get_tracking_uri(): with none set it works out MLflow's default
+        # (importing its file store to look into ./mlruns: about 3 ms, once).
+        if (_compat.explicit_tracking_uri() or os.environ.get("MLFLOW_TRACKING_URI")) != tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
     try:
         yield

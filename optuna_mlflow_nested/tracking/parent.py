@@ -7,6 +7,7 @@ from collections.abc import Callable
 import contextlib
 import json
 import math
+import threading
 import time
 from typing import Any
 import warnings
@@ -30,6 +31,7 @@ from optuna_mlflow_nested.tracking.clients import set_run_status
 from optuna_mlflow_nested.tracking.delivery import batches
 from optuna_mlflow_nested.tracking.records import ROLE_TAG
 from optuna_mlflow_nested.tracking.records import STUDY_TAG
+from optuna_mlflow_nested.tracking.warm_up import start_end_reads
 
 DESCRIPTION_TAG = "mlflow.note.content"
 #: Set by the CatBoost finish: the logged model, and ``NAME/VERSION`` once registered.
@@ -314,6 +316,32 @@ class SearchEnd:
         self.client = get_client(study.tracking_uri)
         self.compact = study.trial_runs is not None
         self._summary: bool | None = None  # written early: True, or failed (warned)
+        self._warming: threading.Thread | None = None
+        self._begin, self._skip = threading.Event(), threading.Event()
+
+    def warm_up(self, objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
+        """``objective``, which starts the end's reads as it is first called
+        (:func:`~optuna_mlflow_nested.tracking.warm_up.start_end_reads`)."""
+        if self.compact:
+            return objective
+        self._warming = start_end_reads(self.client, self.study, self._begin, self._skip)
+        if self._warming is None:
+            return objective
+        begin = self._begin
+
+        def first_call_begins(trial: optuna.Trial) -> Any:
+            if not begin.is_set():
+                begin.set()
+            return objective(trial)
+
+        return first_call_begins
+
+    def _warmed(self) -> None:
+        if self._warming is not None:
+            if not self._begin.is_set():  # no trial ran: no reads (a later search makes them)
+                self._skip.set()
+                self._begin.set()
+            self._warming.join()
 
     def _step(self, step: Callable[[], Any], stacklevel: int = 5) -> bool:
         try:
@@ -335,6 +363,7 @@ class SearchEnd:
         and reconcile changes no trial's run, except under ``trial_runs=K``, where it
         makes the K best trials' runs first (the summary then waits for :meth:`finish`).
         """
+        self._warmed()
         if not self.compact and self._summary is None:  # called by tracker.stop, in optimize
             self._summary = self._step(lambda: self._log_summary(figures=False), stacklevel=7)
 
@@ -349,6 +378,7 @@ class SearchEnd:
         """
         from optuna_mlflow_nested.tracking import figures
 
+        self._warmed()
         study, run_id = self.study, self.study.parent_run_id
         if self._summary is False:  # failed (warned): reconcile, as before the summary
             self._step(study.reconcile)
