@@ -3,6 +3,7 @@
 The end's reads (the parent run, its metric history, the RUNNING children, a pandas
 index) compile SQLAlchemy statements and set up pandas once per process; they are made
 in a background thread once the first objective runs, and the end waits for that thread.
+The tests take each search's thread from ``start_end_reads`` (wrapped, not replaced).
 """
 
 from __future__ import annotations
@@ -16,74 +17,105 @@ import pytest
 
 import optuna_mlflow_nested as omn
 from optuna_mlflow_nested import _compat
-
-WARM_UP = "omn-warm-up-end"
-
-
-def warm_up_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == WARM_UP]
+from optuna_mlflow_nested.tracking import warm_up
 
 
-def objective_that_waits_for_the_warm_up(seen: list[tuple[int, int, bool]]):
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[threading.Thread | None]:
+    """What each search's ``start_end_reads`` returned: its thread, or ``None``."""
+    from optuna_mlflow_nested.tracking import parent
+
+    returned: list[threading.Thread | None] = []
+
+    def recorded(*args, **kwargs):
+        returned.append(warm_up.start_end_reads(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(parent, "start_end_reads", recorded)
+    return returned
+
+
+def objective_that_waits_for_the_reads(started: list[threading.Thread | None],
+                                       seen: list[tuple[int, bool]]):
+    """Each trial waits for the last search's thread; ``seen``: (trial, alive after)."""
+
     def objective(trial: optuna.Trial) -> float:
         x = trial.suggest_float("x", -1.0, 1.0)
-        threads = warm_up_threads()
-        for thread in threads:
+        thread = started[-1] if started else None
+        if thread is not None:
             thread.join(timeout=60)
-        seen.append((trial.number, len(threads), any(t.is_alive() for t in threads)))
+        seen.append((trial.number, thread is not None and thread.is_alive()))
         return x * x
 
     return objective
 
 
-def test_the_ends_reads_are_made_while_the_first_trial_runs_and_only_read(tracking_uri: str) -> None:
-    seen: list[tuple[int, int, bool]] = []
+def test_the_ends_reads_are_made_while_the_first_trial_runs_and_only_read(
+        tracking_uri: str, started: list[threading.Thread | None]) -> None:
+    seen: list[tuple[int, bool]] = []
     study = omn.create_study("warm", tracking_uri=tracking_uri, seed=0)
     client = MlflowClient(tracking_uri)
     n_runs = len(client.search_runs([study.experiment_id]))
     metrics_before = client.get_run(study.parent_run_id).data.metrics
+    wait = objective_that_waits_for_the_reads(started, seen)
 
     def objective(trial: optuna.Trial) -> float:
-        value = objective_that_waits_for_the_warm_up(seen)(trial)
-        if trial.number == 0:  # the reads are done: they wrote nothing
+        value = wait(trial)
+        if trial.number == 0:  # the reads are done (the thread ended): they wrote nothing
             parent = client.get_run(study.parent_run_id)
             assert parent.data.metrics == metrics_before
             assert "mlflow.note.content" not in parent.data.tags
         return value
 
     study.optimize(objective, n_trials=3)
-    # one thread, seen by the first trial and finished while it ran; none later
-    assert seen[0] == (0, 1, False)
-    assert [s[1] for s in seen[1:]] == [0, 0]
-    assert warm_up_threads() == []
+    assert len(started) == 1 and started[0] is not None and started[0].name == "omn-warm-up-end"
+    # the first trial's wait ended it: the thread did not wait for the end of the search
+    assert seen == [(0, False), (1, False), (2, False)]
     assert len(client.search_runs([study.experiment_id])) == n_runs + 3
     assert client.get_run(study.parent_run_id).data.metrics["n_complete"] == 3
 
 
-def test_the_reads_are_made_once_per_store_and_process(tracking_uri: str) -> None:
-    seen: list[tuple[int, int, bool]] = []
+def test_the_reads_are_made_once_per_store_and_process(
+        tracking_uri: str, started: list[threading.Thread | None]) -> None:
+    seen: list[tuple[int, bool]] = []
     first = omn.create_study("first", tracking_uri=tracking_uri, seed=0)
-    first.optimize(objective_that_waits_for_the_warm_up(seen), n_trials=1)
+    first.optimize(objective_that_waits_for_the_reads(started, seen), n_trials=1)
     second = omn.create_study("second", tracking_uri=tracking_uri, seed=0)
-    second.optimize(objective_that_waits_for_the_warm_up(seen), n_trials=2)
-    assert [s[1] for s in seen] == [1, 0, 0]
+    second.optimize(objective_that_waits_for_the_reads(started, seen), n_trials=2)
+    assert [thread is not None for thread in started] == [True, False]
+    assert seen == [(0, False), (0, False), (1, False)]
 
 
 def test_a_search_that_runs_no_trial_makes_no_reads_and_leaves_them_to_the_next(
-        tracking_uri: str) -> None:
-    seen: list[tuple[int, int, bool]] = []
+        tracking_uri: str, started: list[threading.Thread | None]) -> None:
+    seen: list[tuple[int, bool]] = []
     study = omn.create_study("none-yet", tracking_uri=tracking_uri, seed=0)
-    study.optimize(objective_that_waits_for_the_warm_up(seen), n_trials=0)
-    assert warm_up_threads() == []  # the end ended the waiting thread without its reads
-    study.optimize(objective_that_waits_for_the_warm_up(seen), n_trials=1)
-    assert seen == [(0, 1, False)]
+    study.optimize(objective_that_waits_for_the_reads(started, seen), n_trials=0)
+    assert started[0] is not None and not started[0].is_alive()  # ended without its reads
+    study.optimize(objective_that_waits_for_the_reads(started, seen), n_trials=1)
+    assert len(started) == 2 and started[1] is not None  # the next search made them
+    assert seen == [(0, False)]
 
 
-def test_big_searches_make_no_reads_beside_their_trials(tracking_uri: str) -> None:
-    seen: list[tuple[int, int, bool]] = []
+def test_big_searches_make_no_reads_beside_their_trials(
+        tracking_uri: str, started: list[threading.Thread | None]) -> None:
     study = omn.create_study("big", tracking_uri=tracking_uri, seed=0, trial_runs=1)
-    study.optimize(objective_that_waits_for_the_warm_up(seen), n_trials=3)
-    assert [s[1] for s in seen] == [0, 0, 0]
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    assert started == []
+
+
+def test_the_reads_succeed_on_a_database_store_and_a_server(
+        tracking_uri: str, mlflow_server) -> None:
+    """The thread ignores errors (the end reads again): here they must not happen."""
+    for uri in (tracking_uri, mlflow_server.uri):
+        study = omn.create_study("reads", tracking_uri=uri, seed=0)
+        client = MlflowClient(uri)
+        assert warm_up.end_reads(client, study) == 0
+        run = client.create_run(study.experiment_id,
+                                tags={"mlflow.parentRunId": study.parent_run_id})
+        assert warm_up.end_reads(client, study) == 1
+        client.set_terminated(run.info.run_id)
+        assert warm_up.end_reads(client, study, store=False) == 0
 
 
 def test_optimize_does_not_work_out_mlflows_default_uri(tracking_uri: str,

@@ -40,7 +40,7 @@ def start_end_reads(client: MlflowClient, study: Any, begin: threading.Event,
             return None
         _warmed_up.add(uri)
     # A server compiles its own statements, and a call to one that is away would wait
-    # out its retries while the end joins this thread.
+    # out its retries while the end joins this thread: pandas only.
     over_http = uri.startswith(("http:", "https:"))
 
     def reads() -> None:
@@ -49,17 +49,31 @@ def start_end_reads(client: MlflowClient, study: Any, begin: threading.Event,
             with _lock:
                 _warmed_up.discard(uri)
             return
-        with contextlib.suppress(Exception):
-            import pandas as pd
-
-            pd.MultiIndex.from_tuples([("params", "x")])  # trials_dataframe's columns
-            if not over_http:
-                client.get_run(study.parent_run_id)
-                client.get_metric_history(study.parent_run_id, "best_value")
-                search_equal(client, [study.experiment_id],
-                             {MLFLOW_PARENT_RUN_ID: study.parent_run_id},
-                             equals_clause("attributes.status", "RUNNING"))
+        with contextlib.suppress(Exception):  # only a head start: the end reads again
+            end_reads(client, study, store=not over_http)
 
     thread = threading.Thread(target=reads, name="omn-warm-up-end", daemon=True)
     thread.start()
     return thread
+
+
+def end_reads(client: MlflowClient, study: Any, *, store: bool = True) -> int:
+    """The reads of a search's end, once (``store=False``: pandas only).
+
+    Returns:
+        The number of the parent's RUNNING child runs (what reconcile looks for).
+
+    Raises:
+        MlflowException: the store cannot be read.
+    """
+    import pandas as pd
+
+    pd.MultiIndex.from_tuples([("params", "x")])  # trials_dataframe's column index
+    if not store:
+        return 0
+    client.get_run(study.parent_run_id)
+    client.get_metric_history(study.parent_run_id, "best_value")
+    running = search_equal(client, [study.experiment_id],
+                           {MLFLOW_PARENT_RUN_ID: study.parent_run_id},
+                           equals_clause("attributes.status", "RUNNING"))
+    return len(running)
