@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from pathlib import Path
 import re
@@ -313,16 +314,20 @@ def test_resume_with_other_data_target_or_seed_is_refused(
 # ---------------------------------------------------------------- item 9b: Ctrl-C
 
 
-def _running_trials(db: Path) -> int:
-    """Trials RUNNING in Optuna's SQLite file, read-only: opening an RDBStorage here
-    would race the CLI creating the schema."""
+def _running_trials(db: Path, for_seconds: float = 0.0) -> int:
+    """Trials RUNNING in Optuna's SQLite file (started at least ``for_seconds`` ago),
+    read-only: opening an RDBStorage here would race the CLI creating the schema."""
     if not db.exists():
         return 0
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as con:
-            return int(con.execute("SELECT COUNT(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0])
+            starts = [row[0] for row in con.execute(
+                "SELECT datetime_start FROM trials WHERE state = 'RUNNING'")]
     except sqlite3.Error:  # the file is there, its tables not yet
         return 0
+    # Optuna writes datetime.now(), local and naive
+    since = datetime.datetime.now() - datetime.timedelta(seconds=for_seconds)
+    return sum(1 for start in starts if start and datetime.datetime.fromisoformat(start) <= since)
 
 
 @pytest.mark.slow  # ~20 s: the default suite stays under 5 minutes
@@ -332,8 +337,13 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path) -> None:
          "--tuning-iterations", "200000", "--no-progress"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: _running_trials(tmp_path / "optuna.db") or proc.poll() is not None, 180,
-                 "a trial to start")
+        # Ctrl-C in the middle of a trial's fit, not in the instant it starts: there,
+        # Optuna's non-daemon heartbeat thread can be left running (a KeyboardInterrupt in
+        # its Thread.start: the process never exits), and one in the first trial's import
+        # of CatBoost's Cython modules can be swallowed (the fit runs on). Both seen on
+        # 2026-12-04 (the second also at c851e57); neither is this test's subject.
+        wait_for(lambda: _running_trials(tmp_path / "optuna.db", 2.0) or proc.poll() is not None,
+                 180, "a trial to run for 2 s")
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
