@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import time
 import warnings
 
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import optuna
@@ -36,6 +37,12 @@ def runs_to_keep(study: optuna.Study, k: int) -> list[FrozenTrial]:
     return best + [t for t in trials if t.state == TrialState.FAIL]
 
 
+def running_children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Run]:
+    """The parent's child runs that are RUNNING (trials' runs not yet ended, spare runs)."""
+    return search_equal(client, [experiment_id], {MLFLOW_PARENT_RUN_ID: parent_run_id},
+                        equals_clause("attributes.status", "RUNNING"))
+
+
 def reconcile_study(
     client: MlflowClient, study: optuna.Study, *, experiment_id: str, parent_run_id: str,
     tracking_uri: str, run_ids: Callable[[], dict[int, str]], metric_name: str | Sequence[str] = "value",
@@ -53,8 +60,7 @@ def reconcile_study(
     Returns the number of runs written.
     """
     children = {MLFLOW_PARENT_RUN_ID: parent_run_id}
-    running = search_equal(client, [experiment_id], children,
-                           equals_clause("attributes.status", "RUNNING"))
+    running = running_children(client, experiment_id, parent_run_id)
     finished = {t.number: t for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     mapping = run_ids()
     trial_of_run = {run_id: finished[n] for n, run_id in mapping.items() if n in finished}

@@ -7,10 +7,8 @@ import threading
 from typing import Any
 
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from optuna_mlflow_nested.tracking.delivery import equals_clause
-from optuna_mlflow_nested.tracking.delivery import search_equal
+from optuna_mlflow_nested.tracking.reconcile import running_children
 
 #: Tracking URIs whose end-of-search reads this process has made.
 _warmed_up: set[str] = set()
@@ -27,9 +25,9 @@ def start_end_reads(client: MlflowClient, study: Any, begin: threading.Event,
     fresh program's first search, they made it slower than a later one
     (``benchmarks/RESULTS.md``). The thread only reads, once per tracking URI and
     process; the end joins it before its first step, so it never runs on after
-    ``optimize``. It waits for ``begin``, set as the first objective starts: started
-    reading at once, it competed for the GIL with the search's own start. ``skip``,
-    set before ``begin``, ends it without reading.
+    ``optimize``. It waits for ``begin``, set as the first objective starts, so that
+    it does not compete for the GIL with the search's own start. ``skip``, set before
+    ``begin``, ends it without reading.
 
     Returns:
         The thread, or ``None`` if this process has made those reads already.
@@ -61,7 +59,7 @@ def end_reads(client: MlflowClient, study: Any, *, store: bool = True) -> int:
     """The reads of a search's end, once (``store=False``: pandas only).
 
     Returns:
-        The number of the parent's RUNNING child runs (what reconcile looks for).
+        The number of the parent's RUNNING child runs (reconcile's own query).
 
     Raises:
         MlflowException: the store cannot be read.
@@ -73,7 +71,4 @@ def end_reads(client: MlflowClient, study: Any, *, store: bool = True) -> int:
         return 0
     client.get_run(study.parent_run_id)
     client.get_metric_history(study.parent_run_id, "best_value")
-    running = search_equal(client, [study.experiment_id],
-                           {MLFLOW_PARENT_RUN_ID: study.parent_run_id},
-                           equals_clause("attributes.status", "RUNNING"))
-    return len(running)
+    return len(running_children(client, study.experiment_id, study.parent_run_id))
