@@ -20,23 +20,12 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 __all__ = [
-    "active_run",
-    "active_run_ids_of_all_threads",
-    "add_trial",
-    "claim_trial",
-    "default_experiment_id",
-    "executor_worker_count",
-    "explicit_tracking_uri",
-    "quiet_retried_store_errors",
-    "open_store",
-    "rdb_url",
-    "record_first_heartbeat",
-    "running_trials_without_heartbeat",
-    "set_trial_system_attr",
-    "study_storage",
-    "trial_active_run",
-    "trial_id",
-    "update_run_info",
+    "active_run", "active_run_ids_of_all_threads", "add_trial", "add_waiting_trials",
+    "claim_trial", "default_experiment_id", "executor_worker_count", "explicit_tracking_uri",
+    "never_create_sqlite_stores", "open_store", "quiet_retried_store_errors", "rdb_url",
+    "record_first_heartbeat", "retried_store_call", "running_trials_without_heartbeat",
+    "set_trial_system_attr", "stop_heartbeats_left_running", "study_storage",
+    "trial_active_run", "trial_id", "update_run_info",
 ]
 
 
@@ -213,6 +202,23 @@ def running_trials_without_heartbeat(study: optuna.Study) -> set[int]:
     finally:
         backend.scoped_session.remove()
     return {number for (number,) in rows}
+
+
+def stop_heartbeats_left_running(study: optuna.Study) -> None:
+    """Stop the study's heartbeat threads that Optuna started but will never stop.
+
+    A KeyboardInterrupt as ``_run_trial``'s ``with get_heartbeat_thread(...)`` starts
+    its non-daemon thread skips the ``__exit__`` that stops it, and the interpreter
+    then waits for it forever at exit. Optuna keeps no reference: it is found by its
+    target and stopped by its stop event (``Thread._target``/``_args``).
+    """
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    for thread in threading.enumerate():
+        args: Any = getattr(thread, "_args", ())
+        if getattr(thread, "_target", None) is HeartbeatThread._record_heartbeat \
+                and len(args) == 3 and args[1] is study._storage:  # not another study's
+            args[2].set()
 
 
 def add_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:

@@ -35,9 +35,7 @@ from optuna_mlflow_nested.tracking.reconcile import mend_after_lost_writer
 from optuna_mlflow_nested.tracking.reconcile import reconcile_study
 from optuna_mlflow_nested.tracking.reconcile import runs_to_keep
 
-__all__ = ["NestedStudy", "make_sampler", "SAMPLER_NAMES"]
-
-__all__ += ["EXPERIMENT_ATTR", "PARENT_RUN_ATTR"]
+__all__ = ["NestedStudy", "make_sampler", "SAMPLER_NAMES", "EXPERIMENT_ATTR", "PARENT_RUN_ATTR"]
 
 #: Study system attribute ``mlflow_run_id:<trial number>`` -> that trial's child run id.
 RUN_ATTR_PREFIX = "mlflow_run_id:"
@@ -194,6 +192,7 @@ class NestedStudy(optuna.Study):
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
+            _compat.stop_heartbeats_left_running(self)  # else the process cannot exit
             raise
         finally:
             if not worker:

@@ -170,6 +170,27 @@ def test_running_trials_without_heartbeat_are_the_ones_fail_stale_trials_skips(
     assert _compat.running_trials_without_heartbeat(plain) == set()
 
 
+def test_stop_heartbeats_left_running_stops_only_the_studys_own(tmp_path: Path) -> None:
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    started = []
+    for name in ("mine", "other"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / name}.db",
+                                                 heartbeat_interval=60, grace_period=120)
+        study = optuna.create_study(storage=storage)
+        heartbeat = get_heartbeat_thread(study.ask()._trial_id, study._storage)
+        heartbeat.start()  # as Optuna's with block does, without its exit
+        started.append((study, heartbeat))
+    (mine, mine_beat), (_, other_beat) = started
+    _compat.stop_heartbeats_left_running(mine)
+    mine_beat._thread.join(timeout=30)  # type: ignore[attr-defined]
+    assert not mine_beat._thread.is_alive()  # type: ignore[attr-defined]
+    assert other_beat._thread.is_alive()  # type: ignore[attr-defined]
+    other_beat.join()
+
+
 def test_quiet_retried_store_errors_drops_mlflows_traceback_only_in_retrying_threads(
         tracking_uri: str, capfd: pytest.CaptureFixture[str]) -> None:
     # MLflow's SQL session maker still logs an OperationalError with its traceback

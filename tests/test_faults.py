@@ -140,6 +140,60 @@ def test_worker_killed_mid_trial_its_run_fails_when_noticed(tmp_path: Path, trac
                     "trial-3": "FINISHED"}
 
 
+# ---------------------------------------------------------------- Ctrl-C as a heartbeat starts
+
+_CTRL_C_AS_A_HEARTBEAT_STARTS = textwrap.dedent(
+    """
+    import sys, optuna, optuna_mlflow_nested as omn
+    from optuna.storages._heartbeat import HeartbeatThread
+    storage_url, tracking_uri = sys.argv[1:3]
+    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=1, grace_period=2)
+    study = omn.create_study("hb-ctrl-c", tracking_uri=tracking_uri, storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+
+    def ctrl_c_as_it_returns(frame, event, arg):
+        if event == "return":   # the heartbeat thread runs; Optuna's with block not entered
+            sys.settrace(None)
+            raise KeyboardInterrupt   # as a SIGINT in that instant would
+        return ctrl_c_as_it_returns
+
+    sys.settrace(lambda frame, event, arg:
+                 ctrl_c_as_it_returns if frame.f_code is HeartbeatThread.start.__code__ else None)
+    try:
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    """
+)
+
+
+@pytest.mark.slow  # ~11 s, a process of its own: the default suite stays under 5 minutes
+def test_ctrl_c_as_optuna_starts_a_heartbeat_thread_still_lets_the_process_exit(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # A KeyboardInterrupt inside HeartbeatThread.start (Thread.start waits for the
+    # thread) skips the with block's exit, which stops the non-daemon thread: the
+    # interpreter then waited for it forever at exit (a CI hang of the Ctrl-C test).
+    storage_url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc = subprocess.Popen([sys.executable, "-c", _CTRL_C_AS_A_HEARTBEAT_STARTS, storage_url,
+                             tracking_uri], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the interrupted process did not exit (printed {out!r})")
+    assert (proc.returncode, out) == (0, "interrupted\n")
+    study = omn.load_study("hb-ctrl-c", storage_url, tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(study.parent_run_id).info.status == "KILLED"
+    # Optuna leaves the trial RUNNING (its heartbeat goes stale: the next search fails
+    # it); its run is not left RUNNING
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+    assert {r.info.run_name: r.info.status for r in trial_runs(client, study)} == {
+        "trial-0": "FINISHED", "trial-1": "FAILED"}
+
+
 # ---------------------------------------------------------------- the tracking server away
 
 
