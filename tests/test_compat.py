@@ -9,12 +9,14 @@ import contextlib
 from pathlib import Path
 import sqlite3
 import threading
+from typing import Any
 import warnings
 
 import mlflow
 from mlflow.tracking import MlflowClient
 import optuna
 from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial
 import pytest
 
 from optuna_mlflow_nested import _compat
@@ -270,6 +272,25 @@ def test_add_waiting_trials_adds_them_in_number_order_read_back_at_once(
     if kind == "sqlite":  # one write each, then one read (add_trial: a read after each)
         assert commits <= 30 + 2, commits
     assert _compat.add_waiting_trials(study, 0) == []
+
+
+def test_add_waiting_trials_reads_a_trial_another_worker_took_meanwhile_on_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="budget")
+    other = optuna.load_study(study_name="budget", storage=url)  # another worker's handle
+    taken: list[int] = []
+
+    def read_after_the_other_took_one(*args: Any, **kwargs: Any) -> list[FrozenTrial]:
+        if not taken:  # between the writes and the one read: the other's ask pops one
+            taken.append(other.ask().number)
+        return optuna.Study.get_trials(study, *args, **kwargs)
+
+    monkeypatch.setattr(study, "get_trials", read_after_the_other_took_one)
+    added = _compat.add_waiting_trials(study, 5)
+    assert taken == [0]
+    assert [t.number for t in added] == [0, 1, 2, 3, 4]
+    assert [t.state.name for t in added] == ["RUNNING"] + ["WAITING"] * 4
 
 
 def test_never_create_sqlite_stores_refuses_a_missing_file_and_opens_an_existing_one(
