@@ -133,10 +133,10 @@ def instant(trial: optuna.Trial) -> float:
 OBJECTIVES = {"sleep": sleepy, "numpy": numpy_bound, "python": python_bound, "instant": instant}
 
 
-def store_floor(uri: str, n: int) -> float:
+def store_floor(uri: str, n: int) -> tuple[float, float]:
     """ms per run of the store's own work for one trial run, through MLflow's public
     client, one call after the other: create_run, one log_batch (3 params, 2 metrics,
-    the 12 tags a trial run gets), set_terminated."""
+    the 12 tags a trial run gets), set_terminated. Wall time, and this process's CPU."""
     from mlflow.entities import Metric
     from mlflow.entities import Param
     from mlflow.entities import RunTag
@@ -159,10 +159,35 @@ def store_floor(uri: str, n: int) -> float:
         client.set_terminated(run.info.run_id, "FINISHED", now)
 
     one(-1)  # the store's first-call costs are not per run
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(n):
         one(i)
-    return (time.perf_counter() - start) / n * 1000
+    return (time.perf_counter() - start) / n * 1000, (time.process_time() - cpu) / n * 1000
+
+
+def writer_cpu_ms(uri: str, n: int) -> float:
+    """CPU time (ms) the writer process spends per trial, between the search's first and
+    last quarter (a steady state: not its start, nor the figures drawn at the end), with
+    the 50 ms sleeping objective, so that it keeps up. Linux only (/proc)."""
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    def cpu_seconds(pid: int) -> float:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    marks: dict[int, float] = {}
+    first, last = n // 4, n - n // 4
+
+    def mark(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.number in (first, last):
+            marks[trial.number] = cpu_seconds(WriterProcess.get().pid)
+
+    study = omn.create_study(f"cpu-{time.time_ns()}", experiment_name="overhead",
+                             tracking_uri=uri, sampler="random", seed=0)
+    study.optimize(sleepy, n_trials=n, callbacks=[mark])
+    study.wait_for_figures()
+    return (marks[last] - marks[first]) / (last - first) * 1000
 
 
 def bare(objective, n: int) -> float:
@@ -491,14 +516,22 @@ def main() -> None:
                                      "on the trial's path (median)"], handoff_row)
     if args.floor:
         def floor_row(uri: str) -> list[float]:
-            floor = store_floor(uri, args.floor)
+            floor, floor_cpu = store_floor(uri, args.floor)
             ours(instant, 5, uri)  # warm
             per_trial = (ours(instant, args.floor, uri) - bare(instant, args.floor)) / args.floor * 1000
-            return [per_trial, floor, per_trial / floor]
+            cpu = writer_cpu_ms(uri, args.floor) if process_writer else float("nan")
+            return [per_trial, floor, per_trial / floor, cpu, floor_cpu]
 
+        # CPU: what a trial's run costs the cores beside the objective. On a server the
+        # SQL work is the server's: the floor's CPU there is the client's side only.
+        from optuna_mlflow_nested.tracking.process_session import uses_writer_process
+
+        process_writer = uses_writer_process()  # OMN_WRITER as set by the caller
         per_store(root / "floor", ["instant objective, ours (ms/trial over bare Optuna)",
                                    "the store's own create + log_batch + terminate (ms/run)",
-                                   "ratio"], floor_row, wal_row=True)
+                                   "ratio", "writer process CPU (ms/trial, 50 ms objective)",
+                                   "the store's own, CPU in the calling process (ms/run)"],
+                  floor_row, wal_row=True)
     if args.no_scaling:
         return
 
