@@ -176,18 +176,23 @@ def writer_cpu_ms(uri: str, n: int) -> float:
             fields = stat.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    marks: dict[int, float] = {}
+    marks: dict[int, tuple[int, float]] = {}
     first, last = n // 4, n - n // 4
+    if last >= n or last - first < 2:  # too few trials for a window
+        return float("nan")
 
     def mark(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.number in (first, last):
-            marks[trial.number] = cpu_seconds(WriterProcess.get().pid)
+            pid = WriterProcess.get().pid
+            marks[trial.number] = (pid, cpu_seconds(pid))
 
     study = omn.create_study(f"cpu-{time.time_ns()}", experiment_name="overhead",
                              tracking_uri=uri, sampler="random", seed=0)
     study.optimize(sleepy, n_trials=n, callbacks=[mark])
     study.wait_for_figures()
-    return (marks[last] - marks[first]) / (last - first) * 1000
+    if marks[first][0] != marks[last][0]:  # the writer process was started anew between
+        return float("nan")
+    return (marks[last][1] - marks[first][1]) / (last - first) * 1000
 
 
 def bare(objective, n: int) -> float:
@@ -471,6 +476,7 @@ def main() -> None:
 
     calibrate()
     writers = ["threads", "process"] if args.writer == "both" else [args.writer]
+    callers_writer = os.environ.get("OMN_WRITER")  # for the tables after the rounds
     server = Server(root / "server")
     rows = []
     try:
@@ -485,6 +491,8 @@ def main() -> None:
     finally:
         server.stop()
         os.environ.pop("OMN_WRITER", None)
+        if callers_writer is not None:
+            os.environ["OMN_WRITER"] = callers_writer
 
     print("\n| tracking store, objective, writer | run | ours (ms/trial) | MLflowCallback (ms/trial) "
           "| ratio (target <= 0.10) |")
@@ -526,7 +534,9 @@ def main() -> None:
         # SQL work is the server's: the floor's CPU there is the client's side only.
         from optuna_mlflow_nested.tracking.process_session import uses_writer_process
 
-        process_writer = uses_writer_process()  # OMN_WRITER as set by the caller
+        # OMN_WRITER as the caller set it (the default: the writer process); with
+        # threads, their CPU is the calling process's and this column is left empty.
+        process_writer = uses_writer_process()
         per_store(root / "floor", ["instant objective, ours (ms/trial over bare Optuna)",
                                    "the store's own create + log_batch + terminate (ms/run)",
                                    "ratio", "writer process CPU (ms/trial, 50 ms objective)",

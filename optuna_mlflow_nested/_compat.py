@@ -207,10 +207,10 @@ def running_trials_without_heartbeat(study: optuna.Study) -> set[int]:
 def stop_heartbeats_left_running(study: optuna.Study) -> None:
     """Stop the study's heartbeat threads that Optuna started but will never stop.
 
-    A KeyboardInterrupt as ``_run_trial``'s ``with get_heartbeat_thread(...)`` starts
-    its non-daemon thread skips the ``__exit__`` that stops it, and the interpreter
-    then waits for it forever at exit. Optuna keeps no reference: it is found by its
-    target and stopped by its stop event (``Thread._target``/``_args``).
+    A KeyboardInterrupt (or SystemExit) as ``_run_trial``'s ``with
+    get_heartbeat_thread(...)`` starts its non-daemon thread skips the ``__exit__`` that
+    stops it, and the interpreter then waits for it forever at exit. Optuna keeps no
+    reference: it is found by its target, stopped by its stop event (``_target``/``_args``).
     """
     from optuna.storages._heartbeat import HeartbeatThread
 

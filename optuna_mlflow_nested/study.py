@@ -192,9 +192,10 @@ class NestedStudy(optuna.Study):
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
-            _compat.stop_heartbeats_left_running(self)  # else the process cannot exit
             raise
         finally:
+            if status != "FINISHED":  # a with block of Optuna's left before its exit: else
+                _compat.stop_heartbeats_left_running(self)  # the process cannot exit
             if not worker:
                 # MLflow's own HTTP retries last minutes per call: keep them short here too.
                 with tracking.short_http_retries(self.tracking_uri):

@@ -175,22 +175,28 @@ def test_running_trials_without_heartbeat_are_the_ones_fail_stale_trials_skips(
 def test_stop_heartbeats_left_running_stops_only_the_studys_own(tmp_path: Path) -> None:
     from optuna.storages._heartbeat import get_heartbeat_thread
 
-    started = []
-    for name in ("mine", "other"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / name}.db",
-                                                 heartbeat_interval=60, grace_period=120)
-        study = optuna.create_study(storage=storage)
-        heartbeat = get_heartbeat_thread(study.ask()._trial_id, study._storage)
-        heartbeat.start()  # as Optuna's with block does, without its exit
-        started.append((study, heartbeat))
-    (mine, mine_beat), (_, other_beat) = started
-    _compat.stop_heartbeats_left_running(mine)
-    mine_beat._thread.join(timeout=30)  # type: ignore[attr-defined]
-    assert not mine_beat._thread.is_alive()  # type: ignore[attr-defined]
-    assert other_beat._thread.is_alive()  # type: ignore[attr-defined]
-    other_beat.join()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}",
+                                             heartbeat_interval=60, grace_period=120)
+    # Two studies on one RDBStorage object: each Study wraps it in a cache of its own,
+    # which is what the heartbeat thread is given.
+    mine, other = (optuna.create_study(storage=storage, study_name=name)
+                   for name in ("mine", "other"))
+    beats = [get_heartbeat_thread(study.ask()._trial_id, study._storage) for study in (mine, other)]
+    try:
+        for beat in beats:
+            beat.start()  # as Optuna's with block does, without its exit
+        _compat.stop_heartbeats_left_running(mine)
+        mine_beat, other_beat = beats
+        assert mine_beat._stop_event.is_set()  # type: ignore[attr-defined]
+        assert not other_beat._stop_event.is_set()  # type: ignore[attr-defined]
+        mine_beat._thread.join(timeout=30)  # type: ignore[attr-defined]
+        assert not mine_beat._thread.is_alive()  # type: ignore[attr-defined]
+    finally:  # a failure must not leave non-daemon threads that keep pytest from exiting
+        for beat in beats:
+            if getattr(beat, "_thread", None) is not None:
+                beat.join()
 
 
 def test_quiet_retried_store_errors_drops_mlflows_traceback_only_in_retrying_threads(
