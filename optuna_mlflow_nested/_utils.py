@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from collections.abc import Iterator
-import contextlib
 import functools
 import re
-import signal
-import threading
 from typing import Any
 from typing import ParamSpec
 from typing import TypeVar
@@ -143,27 +139,3 @@ def masks_secrets(fn: Callable[_P, _R]) -> Callable[_P, _R]:
             raise
 
     return masked
-
-
-@contextlib.contextmanager
-def sigint_held() -> Iterator[None]:
-    """A Ctrl-C (SIGINT) during the block takes effect when the block ends.
-
-    Python raises KeyboardInterrupt from its SIGINT handler at its next check, which can
-    fall inside C code that drops any exception: a Ctrl-C in CatBoost's first import was
-    seen lost that way (the fit then ran on). Held here, the handler only notes it, and
-    the user's handler runs once the block is done. Only in the main thread, where
-    signal handlers live, and only over a Python handler (not SIG_IGN nor SIG_DFL).
-    """
-    handler = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(handler):
-        yield
-        return
-    frames: list[Any] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: frames.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, handler)
-        if frames:
-            handler(signal.SIGINT, frames[0])

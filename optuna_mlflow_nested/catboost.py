@@ -31,7 +31,6 @@ import pandas as pd
 
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
-from optuna_mlflow_nested._utils import sigint_held
 from optuna_mlflow_nested.catboost_checks import DATA_ATTR
 from optuna_mlflow_nested.catboost_checks import _stored_attrs
 from optuna_mlflow_nested.catboost_checks import check_arguments
@@ -251,8 +250,7 @@ class _Objective:
     take_turns: bool  # trials in threads of one process: fits take turns (catboost#2620)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        with sigint_held():  # the first import: a Ctrl-C there was seen lost
-            from catboost import CatBoostRegressor
+        from catboost import CatBoostRegressor
 
         params = suggest_all(trial, self.space) if self.grid is None else {
             name: trial.suggest_categorical(name, values) for name, values in self.grid.items()}

@@ -334,30 +334,6 @@ def _running_trials(db: Path, for_seconds: float = 0.0) -> int:
 #: background job of a shell without job control (`./.ci/run &`) does.
 _DEFAULT_CTRL_C = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 
-_HELD_CTRL_C = _DEFAULT_CTRL_C + """
-import signal
-from optuna_mlflow_nested._utils import sigint_held
-reached = []
-try:
-    with sigint_held():
-        signal.raise_signal(signal.SIGINT)  # runs the Python handler before returning
-        reached.append("after the signal")  # Python's own handler raised before this
-except KeyboardInterrupt:
-    reached.append("interrupted")
-with sigint_held():  # no Ctrl-C: nothing raised
-    reached.append("quiet")
-print(reached, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-"""
-
-
-def test_a_ctrl_c_in_a_held_block_takes_effect_when_the_block_ends() -> None:
-    # tune's trials import CatBoost held: a Ctrl-C that lands in that import was lost in
-    # a few of many tries (raised inside C code that drops exceptions), the fit running on.
-    # In a fresh interpreter: the suite's own may have SIGINT ignored (see _DEFAULT_CTRL_C).
-    out = subprocess.run([sys.executable, "-c", _HELD_CTRL_C], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    assert out == "['after the signal', 'interrupted', 'quiet'] True\n"
-
 
 @pytest.mark.slow  # ~20 s: the default suite stays under 5 minutes
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path) -> None:
@@ -367,10 +343,10 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path) -> None:
          "--tuning-iterations", "200000", "--no-progress"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # Ctrl-C in the middle of a trial's fit, which is what this test is about. The two
-        # races seen at a trial's start have tests of their own: Optuna's heartbeat thread
-        # left running (tests/test_faults.py), and a Ctrl-C lost in the first trial's
-        # import of CatBoost, now held until the import ends (sigint_held, above).
+        # Ctrl-C in the middle of a trial's fit, which is what this test is about, not in
+        # the instant it starts: there, Optuna's heartbeat thread could be left running
+        # (fixed; tests/test_faults.py), and a Ctrl-C in the first trial's import of
+        # CatBoost is lost now and then (raised inside C code that drops exceptions).
         wait_for(lambda: _running_trials(tmp_path / "optuna.db", 2.0) or proc.poll() is not None,
                  180, "a trial to run for 2 s")
         assert proc.poll() is None, proc.communicate()
