@@ -168,23 +168,20 @@ def store_floor(uri: str, n: int) -> tuple[float, float]:
 def writer_cpu_ms(uri: str, n: int) -> float:
     """CPU time (ms) the writer process spends per trial, between the search's first and
     last quarter (a steady state: not its start, nor the figures drawn at the end), with
-    the 50 ms sleeping objective, so that it keeps up. Linux only (/proc)."""
+    the 50 ms sleeping objective, so that it keeps up."""
+    from engine_cost import cpu_seconds
+
     from optuna_mlflow_nested.tracking.writer_process import WriterProcess
 
-    def cpu_seconds(pid: int) -> float:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
+    if n < 4:  # too few trials for a window
+        return float("nan")
     marks: dict[int, tuple[int, float]] = {}
     first, last = n // 4, n - n // 4
-    if last >= n or last - first < 2:  # too few trials for a window
-        return float("nan")
 
     def mark(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.number in (first, last):
             pid = WriterProcess.get().pid
-            marks[trial.number] = (pid, cpu_seconds(pid))
+            marks[trial.number] = (pid, cpu_seconds({pid}))
 
     study = omn.create_study(f"cpu-{time.time_ns()}", experiment_name="overhead",
                              tracking_uri=uri, sampler="random", seed=0)
@@ -523,6 +520,13 @@ def main() -> None:
                                      "bare Optuna (median)", "ours (median)",
                                      "on the trial's path (median)"], handoff_row)
     if args.floor:
+        from optuna_mlflow_nested.tracking.process_session import uses_writer_process
+
+        # CPU: what a trial's run costs the cores beside the objective (on a server, the
+        # client's side only). The writer process's column needs one: with threads
+        # (OMN_WRITER as the caller set it), their CPU is the calling process's.
+        process_writer = uses_writer_process()
+
         def floor_row(uri: str) -> list[float]:
             floor, floor_cpu = store_floor(uri, args.floor)
             ours(instant, 5, uri)  # warm
@@ -530,13 +534,6 @@ def main() -> None:
             cpu = writer_cpu_ms(uri, args.floor) if process_writer else float("nan")
             return [per_trial, floor, per_trial / floor, cpu, floor_cpu]
 
-        # CPU: what a trial's run costs the cores beside the objective. On a server the
-        # SQL work is the server's: the floor's CPU there is the client's side only.
-        from optuna_mlflow_nested.tracking.process_session import uses_writer_process
-
-        # OMN_WRITER as the caller set it (the default: the writer process); with
-        # threads, their CPU is the calling process's and this column is left empty.
-        process_writer = uses_writer_process()
         per_store(root / "floor", ["instant objective, ours (ms/trial over bare Optuna)",
                                    "the store's own create + log_batch + terminate (ms/run)",
                                    "ratio", "writer process CPU (ms/trial, 50 ms objective)",
