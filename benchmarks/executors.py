@@ -18,7 +18,9 @@ the shares, which the machine's drifting speed cancels out of).
         [--engines process,dask,submitit]
 
 Engines: process (a process pool), dask (a local Dask cluster), dask-noprofile (the
-same with Dask's statistical profiler off), submitit (its local executor), and bare:
+same with Dask's statistical profiler off), dask-quiet (the same with
+``engine_cost.QUIETER_DASK``: the profiler off and the worker's periodic event-loop
+work made rarer), submitit (its local executor), and bare:
 the process pool running bare Optuna, without tracking (each worker loads the study and
 runs its share of the budget), the reference for the others' speedup.
 """
@@ -59,15 +61,20 @@ def engine(name: str, workers: int, folder: Path):
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(abs, range(workers)))  # start the processes
             yield pool, None
-    elif name in ("dask", "dask-noprofile"):
+    elif name in ("dask", "dask-noprofile", "dask-quiet"):
         import dask
         from distributed import Client
         from distributed import LocalCluster
 
+        from engine_cost import QUIETER_DASK
+
         # dask-noprofile: Dask's statistical profiler (a thread in each worker sampling
         # every thread's stack every 10 ms) off, to see what it costs a CPU-bound objective.
-        profile = {"distributed.worker.profile.enabled": name == "dask"}
-        with dask.config.set(profile), \
+        by_engine: dict[str, dict[str, object]] = {
+            "dask": {}, "dask-quiet": QUIETER_DASK,
+            "dask-noprofile": {"distributed.worker.profile.enabled": False}}
+        settings = by_engine[name]
+        with dask.config.set(settings), \
                 LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                              dashboard_address=None, host="127.0.0.1") as cluster, \
                 Client(cluster) as client:
