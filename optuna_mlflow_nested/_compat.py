@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
+import sqlalchemy
 
 __all__ = [
     "active_run", "active_run_ids_of_all_threads", "add_trial", "add_waiting_trials",
@@ -76,8 +77,7 @@ def quiet_retried_store_errors() -> None:
 
 @contextlib.contextmanager
 def active_run(run: Run) -> Iterator[None]:
-    """Make ``run`` the active run of the calling thread without a round trip.
-
+    """Make ``run`` the active run of the calling thread without a round trip:
     ``mlflow.start_run(run_id=...)`` does a ``get_run`` and a status update per call and
     ends the run on exit; a trial needs neither (the writer finishes the run). MLflow's
     active run is a thread-local stack with no public push/pop.
@@ -119,22 +119,18 @@ def default_experiment_id() -> str:
 
 
 def explicit_tracking_uri() -> str | None:
-    """The URI set with ``mlflow.set_tracking_uri`` (``None`` when never set).
-
-    ``mlflow.get_tracking_uri()`` resolves a default; restoring the user's state after
-    a study needs to know whether they set one at all.
-    """
+    """The URI set with ``mlflow.set_tracking_uri`` (``None`` when never set): restoring
+    the user's state needs to know whether they set one; ``get_tracking_uri`` resolves a
+    default."""
     from mlflow.tracking._tracking_service import utils
 
     return utils._tracking_uri
 
 
 def open_store(client: MlflowClient) -> Any:
-    """Open (and for SQLite, migrate) the client's store now rather than on first use.
-
-    The store is created lazily; the first open of a fresh SQLite file runs MLflow's
-    schema migration, which the caller must do under a file lock.
-    """
+    """Open (and for SQLite, migrate) the client's store now rather than on first use
+    (MLflow opens it lazily): the first open of a fresh SQLite file runs MLflow's schema
+    migration, which the caller must do under a file lock."""
     return client._tracking_client.store
 
 
@@ -222,11 +218,8 @@ def stop_heartbeats_left_running(study: optuna.Study) -> None:
 
 
 def add_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
-    """``study.add_trial(trial)``, returning the trial as added (with its number).
-
-    ``Study.add_trial`` returns nothing, and the added trial's number is needed to give
-    it a run; this is its body (Optuna 4.0-5.0) with the new trial returned.
-    """
+    """``study.add_trial(trial)``, returning the trial as added (with its number), which
+    gives it a run; ``Study.add_trial`` returns nothing. Its body (Optuna 4.0-5.0)."""
     trial._validate()
     if trial.values is not None and len(study.directions) != len(trial.values):
         raise ValueError(
@@ -260,15 +253,14 @@ def add_waiting_trials(study: optuna.Study, n: int) -> list[optuna.trial.FrozenT
 
 def never_create_sqlite_stores() -> None:
     """From now on, in this process, opening a SQLite tracking store whose file is
-    missing raises ``FileNotFoundError`` instead of making its folder and a new store.
+    missing, or goes as SQLite opens it, raises ``FileNotFoundError``.
 
     For ``clients.get_client(create=False)``: the writer process only opens stores the
-    calling process made, and one removed since (a temporary folder) would be made
-    again and left behind. MLflow makes a SQLite file's parent folders as it opens a
-    store (``_make_parent_dirs_if_sqlite``, MLflow 3.x), with no option to open an
-    existing file only; its imports on first use take long enough in a fresh process for
-    a check made before the open to be stale. Without that function (another MLflow
-    release), the check before the open is all there is.
+    calling process made; one removed since (a temporary folder) would be made again and
+    left behind, or, removed during the open, retried for about 100 s with warnings.
+    MLflow 3.x makes a SQLite file's folders (``_make_parent_dirs_if_sqlite``) and
+    retries a failed open (``create_sqlalchemy_engine_with_retry``), with no option to
+    do neither. Without those functions, the check before the open is all there is.
     """
     from optuna_mlflow_nested.tracking.clients import sqlite_path  # (it imports this module)
 
@@ -277,7 +269,9 @@ def never_create_sqlite_stores() -> None:
     except ImportError:
         return
     make_parent_dirs = getattr(utils, "_make_parent_dirs_if_sqlite", None)
-    if make_parent_dirs is None or getattr(make_parent_dirs, "omn_refuses_missing", False):
+    open_with_retry = getattr(utils, "create_sqlalchemy_engine_with_retry", None)
+    if make_parent_dirs is None or open_with_retry is None or getattr(
+            open_with_retry, "omn_refuses_missing", False):
         return
 
     def refuse_missing(db_uri: str) -> None:
@@ -286,8 +280,21 @@ def never_create_sqlite_stores() -> None:
             raise FileNotFoundError(f"{path} was removed")
         make_parent_dirs(db_uri)
 
-    refuse_missing.omn_refuses_missing = True  # type: ignore[attr-defined]
+    def open_existing(db_uri: str) -> Any:
+        if sqlite_path(db_uri) is None:
+            return open_with_retry(db_uri)
+        refuse_missing(db_uri)
+        engine = utils.create_sqlalchemy_engine(db_uri)
+        try:
+            sqlalchemy.inspect(engine)  # MLflow's own test of an open
+            return engine
+        except Exception:
+            refuse_missing(db_uri)  # removed meanwhile: no retries
+        return open_with_retry(db_uri)  # a locked file, say
+
+    open_existing.omn_refuses_missing = True  # type: ignore[attr-defined]
     utils._make_parent_dirs_if_sqlite = refuse_missing
+    utils.create_sqlalchemy_engine_with_retry = open_existing
 
 
 def set_trial_system_attr(trial: optuna.Trial, key: str, value: Any) -> None:

@@ -329,3 +329,40 @@ def test_never_create_sqlite_stores_refuses_a_missing_file_and_opens_an_existing
     assert done.returncode == 0, done.stderr
     assert f"refused: {removed / 'mlflow.db'} was removed" in done.stdout
     assert not removed.exists()
+
+
+def test_never_create_sqlite_stores_gives_up_at_once_on_a_folder_removed_mid_open(
+        tmp_path: Path) -> None:
+    # The writer process drawing figures as the user's temporary folder is removed: the
+    # file is there at the check, gone as SQLite opens it. MLflow would retry the open
+    # for about 100 s, warning each time, and the user's process waits for it at exit.
+    import subprocess
+    import sys
+    import textwrap
+
+    folder = tmp_path / "store"
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # made by "the calling process"
+    code = textwrap.dedent(f"""
+        import shutil
+        import sqlalchemy
+        from sqlalchemy.engine import Engine
+        from mlflow.tracking import MlflowClient
+        from optuna_mlflow_nested import _compat
+
+        def remove_folder(*args):  # SQLAlchemy's own hook, as its first connect begins
+            shutil.rmtree({str(folder)!r}, ignore_errors=True)
+
+        sqlalchemy.event.listen(Engine, "do_connect", remove_folder)
+        _compat.never_create_sqlite_stores()
+        try:
+            MlflowClient({uri!r}).search_experiments()
+        except FileNotFoundError as exc:
+            print("refused:", exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"refused: {folder / 'mlflow.db'} was removed" in done.stdout
+    assert "will be retried" not in done.stderr
+    assert not folder.exists()
