@@ -65,7 +65,6 @@ def engine(name: str, workers: int, folder: Path):
         import dask
         from distributed import Client
         from distributed import LocalCluster
-
         from engine_cost import QUIETER_DASK
 
         # dask-noprofile: Dask's statistical profiler (a thread in each worker sampling

@@ -8,6 +8,9 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 from typing import Any
 import warnings
@@ -299,13 +302,17 @@ def test_add_waiting_trials_reads_a_trial_another_worker_took_meanwhile_on_its_o
     assert [t.state.name for t in added] == ["RUNNING"] + ["WAITING"] * 4
 
 
+def _in_fresh_interpreter(code: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``code`` run by a new Python (the patch tested is process-wide, as in the writer
+    process), which must exit with 0."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_never_create_sqlite_stores_refuses_a_missing_file_and_opens_an_existing_one(
         tmp_path: Path) -> None:
-    # In a fresh interpreter: the patch is process-wide (the writer process's).
-    import subprocess
-    import sys
-    import textwrap
-
     from mlflow.store.db import utils
 
     if not hasattr(utils, "_make_parent_dirs_if_sqlite"):
@@ -313,7 +320,7 @@ def test_never_create_sqlite_stores_refuses_a_missing_file_and_opens_an_existing
     existing = f"sqlite:///{tmp_path / 'here' / 'mlflow.db'}"
     MlflowClient(existing).search_experiments()  # made by "the calling process"
     removed = tmp_path / "removed"
-    code = textwrap.dedent(f"""
+    done = _in_fresh_interpreter(f"""
         from mlflow.tracking import MlflowClient
         from optuna_mlflow_nested import _compat
         _compat.never_create_sqlite_stores()
@@ -323,10 +330,7 @@ def test_never_create_sqlite_stores_refuses_a_missing_file_and_opens_an_existing
             MlflowClient("sqlite:///{removed / 'mlflow.db'}").search_experiments()
         except FileNotFoundError as exc:
             print("refused:", exc)
-    """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    """, timeout=300)
     assert f"refused: {removed / 'mlflow.db'} was removed" in done.stdout
     assert not removed.exists()
 
@@ -336,14 +340,10 @@ def test_never_create_sqlite_stores_gives_up_at_once_on_a_folder_removed_mid_ope
     # The writer process drawing figures as the user's temporary folder is removed: the
     # file is there at the check, gone as SQLite opens it. MLflow would retry the open
     # for about 100 s, warning each time, and the user's process waits for it at exit.
-    import subprocess
-    import sys
-    import textwrap
-
     folder = tmp_path / "store"
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     MlflowClient(uri).search_experiments()  # made by "the calling process"
-    code = textwrap.dedent(f"""
+    done = _in_fresh_interpreter(f"""
         import shutil
         import sqlalchemy
         from sqlalchemy.engine import Engine
@@ -359,10 +359,7 @@ def test_never_create_sqlite_stores_gives_up_at_once_on_a_folder_removed_mid_ope
             MlflowClient({uri!r}).search_experiments()
         except FileNotFoundError as exc:
             print("refused:", exc)
-    """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
+    """, timeout=60)
     assert f"refused: {folder / 'mlflow.db'} was removed" in done.stdout
     assert "will be retried" not in done.stderr
     assert not folder.exists()
