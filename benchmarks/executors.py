@@ -15,7 +15,7 @@ most 5 % more): on the wall time, on the steady span, and at equal work speed (f
 the shares, which the machine's drifting speed cancels out of).
 
     python benchmarks/executors.py [--trials 24] [--trial-seconds 0.2] [--repeats 1]
-        [--engines process,dask,submitit]
+        [--engines process,dask,submitit] [--warm-workers]
 
 Engines: process (a process pool), dask (a local Dask cluster), dask-noprofile (the
 same with Dask's statistical profiler off), dask-quiet (the same with
@@ -55,8 +55,16 @@ from cpu_objective import calibrate  # noqa: E402
 from cpu_objective import objective_seconds  # noqa: E402
 
 
+def _import_project() -> None:
+    """What a worker's first task imports: long-lived workers pay it once, not per search."""
+    import cpu_objective  # noqa: F401
+    from mlflow.tracking import MlflowClient  # noqa: F401
+
+    import optuna_mlflow_nested.executors  # noqa: F401
+
+
 @contextlib.contextmanager
-def engine(name: str, workers: int, folder: Path):
+def engine(name: str, workers: int, folder: Path, warm: bool = False):
     if name in ("process", "bare"):  # bare: the same pool running bare Optuna
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(abs, range(workers)))  # start the processes
@@ -78,6 +86,8 @@ def engine(name: str, workers: int, folder: Path):
                              dashboard_address=None, host="127.0.0.1") as cluster, \
                 Client(cluster) as client:
             client.wait_for_workers(workers)
+            if warm:
+                client.run(_import_project)
             yield client.get_executor(), None
     elif name == "submitit":
         import submitit
@@ -108,7 +118,7 @@ def bare_optuna_worker(storage: str, objective: Burn, n_trials: int, seed: int) 
     study.optimize(objective, n_trials=n_trials)
 
 
-def run(name: str, workers: int, trials: int, objective: Burn) -> Timing:
+def run(name: str, workers: int, trials: int, objective: Burn, warm: bool = False) -> Timing:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "work").mkdir()
@@ -118,7 +128,7 @@ def run(name: str, workers: int, trials: int, objective: Burn) -> Timing:
             f"{name}-{workers}", storage=storage, tracking_uri=f"sqlite:///{folder / 'm.db'}",
             sampler="random", seed=0)
         study = tracked or optuna.create_study(study_name="bare", storage=storage)
-        with engine(name, workers, folder) as (executor, n_workers):
+        with engine(name, workers, folder, warm) as (executor, n_workers):
             called = datetime.datetime.now()  # Optuna stamps trials with naive local times
             start = time.perf_counter()
             if tracked is None:
@@ -148,6 +158,9 @@ def main() -> None:
     parser.add_argument("--engines", default="process,dask,submitit")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds over every engine and worker count (medians reported)")
+    parser.add_argument("--warm-workers", action="store_true",
+                        help="Dask's workers import the project before the clock starts, as "
+                             "a long-lived cluster's have (the pool's are forked with it)")
     args = parser.parse_args()
     # `timeout` and batch schedulers send SIGTERM: exit through the finally blocks that
     # stop the servers and clusters this script started (their own process groups).
@@ -169,7 +182,7 @@ def main() -> None:
         # The machine's speed drifts over minutes: every round runs every configuration,
         # odd rounds in reverse order, and the tables give medians.
         for name, workers in configs if repeat % 2 == 0 else configs[::-1]:
-            t = run(name, workers, args.trials, objective)
+            t = run(name, workers, args.trials, objective, args.warm_workers)
             measured[name, workers].append(t)
             print(f"round {repeat + 1}: {name:9} {workers} worker(s): wall {t.wall:6.2f} s, "
                   f"first trial after {t.to_first:5.2f} s, returned {t.after_last:5.2f} s "

@@ -318,8 +318,10 @@ def _values(values: list[float]) -> str:
 
 def side_by_side(label: str, uri: str, n: int, repeats: int, sleepy=sleepy) -> Row:
     """Cold: the first run of each in this process (imports, caches, a fresh store).
-    Warm: then ``repeats`` rounds of bare, ours, MLflowCallback, interleaved so that
-    machine noise hits all three alike; the medians are reported. ``sleepy``: the
+    Warm: then ``repeats`` rounds of bare, ours and MLflowCallback, each round in the
+    next of three orders (so a multiple of 3 gives each run each place in a round
+    equally often), so that machine noise hits all three alike; the medians are
+    reported. ``sleepy``: the
     objective (sleeping by default).
 
     Besides the overhead on the wall time, each warm round splits it (see
@@ -338,12 +340,18 @@ def side_by_side(label: str, uri: str, n: int, repeats: int, sleepy=sleepy) -> R
         elapsed = call(timed)
         return (elapsed - timed.inside) / n * 1000, timed.inside / n * 1000
 
-    for _ in range(repeats):
-        base_outside, base_inside = run(lambda f: bare(f, n))
+    calls = {"bare": lambda f: bare(f, n), "ours": lambda f: ours(f, n, uri),
+             "legacy": lambda f: legacy(f, n, uri)}
+    order = list(calls)
+    for i in range(repeats):
+        # Each round in another order (bare, ours, MLflowCallback; then ours,
+        # MLflowCallback, bare; ...): a run's place in the round (what ran just before
+        # it, such as the figures ours draws after returning) must not favour any one.
+        timings = {name: run(calls[name]) for name in order[i % 3:] + order[:i % 3]}
+        base_outside, base_inside = timings["bare"]
         warm.setdefault("objective", []).append(base_inside)
-        for name, call in (("ours", lambda f: ours(f, n, uri)),
-                           ("legacy", lambda f: legacy(f, n, uri))):
-            outside, inside = run(call)
+        for name in ("ours", "legacy"):
+            outside, inside = timings[name]
             warm.setdefault(name, []).append(outside + inside - base_outside - base_inside)
             warm.setdefault(f"{name} outside", []).append(outside - base_outside)
             warm.setdefault(f"{name} slower", []).append(inside - base_inside)
