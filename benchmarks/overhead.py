@@ -101,13 +101,15 @@ class Timed:
     def __init__(self, objective) -> None:
         self.objective = objective
         self.inside = 0.0
+        self.cpu = 0.0  # the objective's thread's own CPU time in it
 
     def __call__(self, trial: optuna.Trial) -> float:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             return self.objective(trial)
         finally:
             self.inside += time.perf_counter() - start
+            self.cpu += time.thread_time() - cpu
 
 
 def numpy_bound(trial: optuna.Trial) -> float:
@@ -335,10 +337,10 @@ def side_by_side(label: str, uri: str, n: int, repeats: int, sleepy=sleepy) -> R
     cold_legacy = legacy(sleepy, n, uri) / n * 1000 - base
     warm: dict[str, list[float]] = {}
 
-    def run(call) -> tuple[float, float]:
+    def run(call) -> tuple[float, float, float]:
         timed = Timed(sleepy)
         elapsed = call(timed)
-        return (elapsed - timed.inside) / n * 1000, timed.inside / n * 1000
+        return (elapsed - timed.inside) / n * 1000, timed.inside / n * 1000, timed.cpu / n * 1000
 
     calls = {"bare": lambda f: bare(f, n), "ours": lambda f: ours(f, n, uri),
              "legacy": lambda f: legacy(f, n, uri)}
@@ -348,13 +350,17 @@ def side_by_side(label: str, uri: str, n: int, repeats: int, sleepy=sleepy) -> R
         # MLflowCallback, bare; ...): a run's place in the round (what ran just before
         # it, such as the figures ours draws after returning) must not favour any one.
         timings = {name: run(calls[name]) for name in order[i % 3:] + order[:i % 3]}
-        base_outside, base_inside = timings["bare"]
+        base_outside, base_inside, base_cpu = timings["bare"]
         warm.setdefault("objective", []).append(base_inside)
         for name in ("ours", "legacy"):
-            outside, inside = timings[name]
+            outside, inside, cpu = timings[name]
             warm.setdefault(name, []).append(outside + inside - base_outside - base_inside)
             warm.setdefault(f"{name} outside", []).append(outside - base_outside)
             warm.setdefault(f"{name} slower", []).append(inside - base_inside)
+            # Of that: more CPU for the same work, and more time off the CPU (waiting
+            # for the GIL or a core) than bare's objective.
+            warm.setdefault(f"{name} cpu", []).append(cpu - base_cpu)
+            warm.setdefault(f"{name} off", []).append((inside - cpu) - (base_inside - base_cpu))
     med = {k: statistics.median(v) for k, v in warm.items()}
     row = Row(label, med["ours"], med["legacy"], cold_ours, cold_legacy, med["ours outside"],
               med["legacy outside"], med["ours slower"], med["legacy slower"], med["objective"])
@@ -363,7 +369,10 @@ def side_by_side(label: str, uri: str, n: int, repeats: int, sleepy=sleepy) -> R
           f"MLflowCallback +{row.legacy_ms:.2f} ms [{_values(warm['legacy'])}]; outside the "
           f"objective ours [{_values(warm['ours outside'])}], MLflowCallback "
           f"[{_values(warm['legacy outside'])}]; the objective's own time over bare's: ours "
-          f"[{_values(warm['ours slower'])}], MLflowCallback [{_values(warm['legacy slower'])}]; "
+          f"[{_values(warm['ours slower'])}], MLflowCallback [{_values(warm['legacy slower'])}] "
+          f"(of which its thread's CPU time: ours [{_values(warm['ours cpu'])}], MLflowCallback "
+          f"[{_values(warm['legacy cpu'])}]; off the CPU: ours [{_values(warm['ours off'])}], "
+          f"MLflowCallback [{_values(warm['legacy off'])}]); "
           f"bare's objective [{_values(warm['objective'])}] ms a trial", flush=True)
     return row
 
