@@ -5,15 +5,16 @@ trial slower during our searches than during bare Optuna's; with the writer proc
 the MLflow work runs on the other core while the objective computes. This script asks
 whether such work slows an objective that shares nothing with it but the machine. It
 times the same fixed work as overhead.py's objectives (``_numpy_work`` with one BLAS
-thread, ``_python_work``; each calibrated to about 0.1 s) in this process, which has no
-other thread, in three conditions alternated round by round:
+thread, ``_python_work``; each calibrated to about 0.1 s) in this process's main
+thread, in four conditions alternated round by round (a thread of this process reads a
+pipe from the second process in each but the first; only the last sends on it):
 
 - **alone**;
 - **MLflow writing**: a second process makes one trial run every ``--period`` seconds
   through MLflow's public client (create_run, one log_batch, set_terminated: overhead.py's
   floor) on a SQLite file in WAL mode, as the writer process does for 0.1 s trials;
 - **spinning**: a second process spins pure Python for the same CPU time per period
-  as the MLflow process used in the round before, and sleeps the rest;
+  as the MLflow process used in its latest round, and sleeps the rest;
 - **woken**: a thread of this process waits on a pipe, as the writer process's reader
   thread does in the objective's process, and a second process sends it two small
   pickled messages per period (a trial's two: a spare run made, a run pushed).
@@ -37,7 +38,7 @@ import tempfile
 import threading
 import time
 
-import psutil
+from engine_cost import cpu_seconds
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,10 +60,10 @@ def _background(kind: str, period: float, spin_ms: float, uri: str, fd: int) -> 
             pipe.send(("spare", "0" * 32, "0" * 32))
     elif kind == "mlflow":
         import mlflow
-        from overhead import store_floor_client
+        from overhead import trial_run_maker
 
         mlflow.set_tracking_uri(uri)
-        work = store_floor_client(uri)
+        work = trial_run_maker(uri)
         work()  # the store's first-call costs
     else:
         def work() -> None:
@@ -121,46 +122,57 @@ def main() -> None:
 
         MlflowClient(uri).search_experiments()  # created and migrated
         use_wal(Path(tmp) / "mlflow.db")
-        for round_ in range(args.rounds):
-            order = ["alone", "mlflow", "spin", "woken"]
-            if round_ % 2:
-                order.reverse()
-            if not spin_ms:  # the spinner needs the MLflow process's CPU first
-                order.remove("spin")
-                order.insert(order.index("mlflow") + 1, "spin")
-            for condition in order:
-                proc = reader = None
-                if condition != "alone":
-                    read_fd, write_fd = os.pipe()
-                    proc = subprocess.Popen(
-                        [sys.executable, __file__, "--background", condition,
-                         "--period", str(args.period), "--spin-ms", str(spin_ms),
-                         "--uri", uri, "--fd", str(write_fd)],
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                        pass_fds=(write_fd,))
-                    os.close(write_fd)
-                    reader = threading.Thread(target=_read_all, args=(read_fd,), daemon=True)
-                    reader.start()
-                    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-                    cpu_before = overhead_cpu(proc.pid)
-                    wall_before = time.monotonic()
-                for kind, work in kinds.items():
-                    results.setdefault((condition, kind), []).extend(
-                        _time_units(work, overhead._WORK[kind], args.units))
-                if proc is not None:
-                    periods = (time.monotonic() - wall_before) / args.period
-                    cpu = (overhead_cpu(proc.pid) - cpu_before) / periods * 1000
-                    background_cpu[condition].append(cpu)
-                    assert proc.stdin is not None
-                    proc.stdin.close()
-                    proc.wait(timeout=60)
-                    assert reader is not None
-                    reader.join(timeout=60)
-                    if condition == "mlflow":
-                        spin_ms = cpu
-            print(f"round {round_ + 1}: " + ", ".join(
-                f"{c} {statistics.median(t[0] for t in results[c, 'numpy'][-args.units:]):.1f}"
-                for c in order) + " ms a numpy unit", file=sys.stderr, flush=True)
+        started: list[subprocess.Popen[str]] = []
+        try:
+            for round_ in range(args.rounds):
+                order = ["alone", "mlflow", "spin", "woken"]
+                if round_ % 2:
+                    order.reverse()
+                if not spin_ms:  # the spinner needs the MLflow process's CPU first
+                    order.remove("spin")
+                    order.insert(order.index("mlflow") + 1, "spin")
+                for condition in order:
+                    proc = reader = None
+                    if condition != "alone":
+                        read_fd, write_fd = os.pipe()
+                        proc = subprocess.Popen(
+                            [sys.executable, __file__, "--background", condition,
+                             "--period", str(args.period), "--spin-ms", str(spin_ms),
+                             "--uri", uri, "--fd", str(write_fd)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            pass_fds=(write_fd,))
+                        started.append(proc)
+                        os.close(write_fd)
+                        reader = threading.Thread(target=_read_all, args=(read_fd,), daemon=True)
+                        reader.start()
+                        assert proc.stdout is not None
+                        ready = proc.stdout.readline()  # not in an assert: python -O drops those
+                        if ready != "ready\n":
+                            raise RuntimeError(f"the {condition} process did not start: {ready!r}")
+                        cpu_before = cpu_seconds({proc.pid})
+                        wall_before = time.monotonic()
+                    for kind, work in kinds.items():
+                        results.setdefault((condition, kind), []).extend(
+                            _time_units(work, overhead._WORK[kind], args.units))
+                    if proc is not None:
+                        periods = (time.monotonic() - wall_before) / args.period
+                        cpu = (cpu_seconds({proc.pid}) - cpu_before) / periods * 1000
+                        background_cpu[condition].append(cpu)
+                        assert proc.stdin is not None
+                        proc.stdin.close()
+                        proc.wait(timeout=60)
+                        proc.stdout.close()
+                        assert reader is not None
+                        reader.join(timeout=60)
+                        if condition == "mlflow":
+                            spin_ms = cpu
+                print(f"round {round_ + 1}: " + ", ".join(
+                    f"{c} {statistics.median(t[0] for t in results[c, 'numpy'][-args.units:]):.1f}"
+                    for c in order) + " ms a numpy unit", file=sys.stderr, flush=True)
+        finally:
+            for child in started:  # an error mid-condition: no second process left behind
+                if child.poll() is None:
+                    child.kill()
 
     print(f"`OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']} python "
           f"benchmarks/interference.py --rounds {args.rounds} --units {args.units} "
@@ -205,11 +217,6 @@ def _read_all(fd: int) -> None:
         with cond:
             received.append(message)
             cond.notify_all()
-
-
-def overhead_cpu(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
 
 
 if __name__ == "__main__":

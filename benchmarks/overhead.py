@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 from pathlib import Path
 import signal
@@ -135,7 +136,7 @@ def instant(trial: optuna.Trial) -> float:
 OBJECTIVES = {"sleep": sleepy, "numpy": numpy_bound, "python": python_bound, "instant": instant}
 
 
-def store_floor_client(uri: str):
+def trial_run_maker(uri: str):
     """A function that makes one trial run of the store's own work through MLflow's
     public client, one call after the other: create_run, one log_batch (3 params, 2
     metrics, the 12 tags a trial run gets), set_terminated."""
@@ -149,7 +150,7 @@ def store_floor_client(uri: str):
     parent = client.create_run(experiment).info.run_id
     tag_keys = ["number", "datetime_start", "datetime_complete", "state", "direction",
                 "a_distribution", "b_distribution", "c_distribution", "optuna.trial_number"]
-    made = iter(range(10**9))
+    made = itertools.count()
 
     def one() -> None:
         i = next(made)
@@ -166,9 +167,9 @@ def store_floor_client(uri: str):
 
 
 def store_floor(uri: str, n: int) -> tuple[float, float]:
-    """ms per run of the store's own work for one trial run (:func:`store_floor_client`).
+    """ms per run of the store's own work for one trial run (:func:`trial_run_maker`).
     Wall time, and this process's CPU."""
-    one = store_floor_client(uri)
+    one = trial_run_maker(uri)
     one()  # the store's first-call costs are not per run
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
@@ -321,10 +322,9 @@ def _values(values: list[float]) -> str:
 def side_by_side(label: str, uri: str, n: int, repeats: int, sleepy=sleepy) -> Row:
     """Cold: the first run of each in this process (imports, caches, a fresh store).
     Warm: then ``repeats`` rounds of bare, ours and MLflowCallback, each round in the
-    next of three orders (so a multiple of 3 gives each run each place in a round
-    equally often), so that machine noise hits all three alike; the medians are
-    reported. ``sleepy``: the
-    objective (sleeping by default).
+    next of the six orders (a multiple of 6 gives each run each place, and each
+    predecessor, equally often), so that machine noise hits all three alike; the
+    medians are reported. ``sleepy``: the objective (sleeping by default).
 
     Besides the overhead on the wall time, each warm round splits it (see
     :class:`Timed`): outside the objective, and the objective's own time over bare
@@ -344,12 +344,11 @@ def side_by_side(label: str, uri: str, n: int, repeats: int, sleepy=sleepy) -> R
 
     calls = {"bare": lambda f: bare(f, n), "ours": lambda f: ours(f, n, uri),
              "legacy": lambda f: legacy(f, n, uri)}
-    order = list(calls)
+    orders = list(itertools.permutations(calls))
     for i in range(repeats):
-        # Each round in another order (bare, ours, MLflowCallback; then ours,
-        # MLflowCallback, bare; ...): a run's place in the round (what ran just before
-        # it, such as the figures ours draws after returning) must not favour any one.
-        timings = {name: run(calls[name]) for name in order[i % 3:] + order[:i % 3]}
+        # Each round in the next of the six orders: neither a run's place in its round
+        # nor which run came just before it may favour one of the three.
+        timings = {name: run(calls[name]) for name in orders[i % len(orders)]}
         base_outside, base_inside, base_cpu = timings["bare"]
         warm.setdefault("objective", []).append(base_inside)
         for name in ("ours", "legacy"):

@@ -18,7 +18,6 @@ from mlflow.tracking import MlflowClient
 import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
-import sqlalchemy
 
 __all__ = [
     "active_run", "active_run_ids_of_all_threads", "add_trial", "add_waiting_trials",
@@ -253,14 +252,15 @@ def add_waiting_trials(study: optuna.Study, n: int) -> list[optuna.trial.FrozenT
 
 def never_create_sqlite_stores() -> None:
     """From now on, in this process, opening a SQLite tracking store whose file is
-    missing, or goes as SQLite opens it, raises ``FileNotFoundError``.
+    missing, or whose folder goes as SQLite opens it, raises ``FileNotFoundError``.
 
     For ``clients.get_client(create=False)``: the writer process only opens stores the
     calling process made; one removed since (a temporary folder) would be made again and
-    left behind, or, removed during the open, retried for about 100 s with warnings.
-    MLflow 3.x makes a SQLite file's folders (``_make_parent_dirs_if_sqlite``) and
-    retries a failed open (``create_sqlalchemy_engine_with_retry``), with no option to
-    do neither. Without those functions, the check before the open is all there is.
+    left behind, or, its folder removed during the open, retried for about 100 s with
+    warnings. MLflow 3.x makes a SQLite file's folders (``_make_parent_dirs_if_sqlite``)
+    and retries a failed open (``create_sqlalchemy_engine_with_retry``, through the
+    module: the tracking store's call), with no option to do either. Not covered: a
+    file unlinked in a folder that stays, as SQLite opens it (SQLite makes it anew).
     """
     from optuna_mlflow_nested.tracking.clients import sqlite_path  # (it imports this module)
 
@@ -281,6 +281,8 @@ def never_create_sqlite_stores() -> None:
         make_parent_dirs(db_uri)
 
     def open_existing(db_uri: str) -> Any:
+        import sqlalchemy  # (not for a tracking server)
+
         if sqlite_path(db_uri) is None:
             return open_with_retry(db_uri)
         refuse_missing(db_uri)

@@ -187,16 +187,17 @@ def test_dask_cluster_runs_the_exact_budget(tmp_path: Path, tracking_uri: str,
         time.sleep(0.1)
         return x * x
 
-    def worker_settings() -> tuple[object, object]:  # sent by value too
+    def worker_settings() -> list[object]:  # sent by value too
         import dask
 
-        return (dask.config.get("distributed.admin.tick.interval"),
-                dask.config.get("distributed.worker.profile.enabled"))
+        return [dask.config.get(key) for key in (
+            "distributed.admin.tick.interval", "distributed.worker.memory.monitor-interval",
+            "distributed.admin.system-monitor.interval", "distributed.worker.profile.enabled")]
 
     with _client(dask_cluster) as client:
         study.optimize(objective, n_trials=30, executor=client.get_executor())
         seen = client.run(worker_settings)
-    assert list(seen.values()) == [("1s", False)] * 2, "the recipe's settings reach workers"
+    assert list(seen.values()) == [["1s", "1s", "2s", False]] * 2, "the recipe reaches workers"
     assert_tree(study, 30)
     # One task per worker: Dask gives equal calls one key (one task) unless told apart.
     assert len({t.user_attrs["pid"] for t in study.trials}) == 2, "both Dask workers ran trials"
