@@ -38,10 +38,9 @@ import tempfile
 import threading
 import time
 
-from engine_cost import cpu_seconds
-
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_cost import cpu_seconds
 
 
 def _background(kind: str, period: float, spin_ms: float, uri: str, fd: int) -> None:
@@ -50,7 +49,6 @@ def _background(kind: str, period: float, spin_ms: float, uri: str, fd: int) -> 
     from multiprocessing.connection import Connection
     import selectors
 
-    work = None
     if kind == "woken":
         pipe = Connection(fd, readable=False)
         message = ("run", "0" * 32, list(range(150)))  # about a pickled Run's size

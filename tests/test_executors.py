@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 import os
 from pathlib import Path
+import re
 import signal
 import subprocess
 import sys
@@ -139,13 +140,11 @@ def test_executor_input_errors(tmp_path: Path, tracking_uri: str) -> None:
     assert study.trials == [] and in_memory.trials == []
 
 
-#: The README's Dask recipe for CPU-bound trials: the workers' event loops wake up less.
-QUIETER_DASK_ENV = {
-    "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",
-    "DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL": "1s",
-    "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "2s",
-    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
-}
+#: The README's Dask recipe for CPU-bound trials (the workers' event loops wake up
+#: less), as written there: the variables set before its `dask worker` command.
+QUIETER_DASK_ENV = dict(re.findall(r"^\s*(DASK_DISTRIBUTED__\w+)=(\S+) \\$",
+                                   (Path(__file__).resolve().parents[1] / "README.md").read_text(),
+                                   flags=re.M))
 
 
 @pytest.fixture
