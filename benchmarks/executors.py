@@ -20,9 +20,11 @@ the shares, which the machine's drifting speed cancels out of).
 Engines: process (a process pool), dask (a local Dask cluster), dask-noprofile (the
 same with Dask's statistical profiler off), dask-quiet (the same with
 ``engine_cost.QUIETER_DASK``: the profiler off and the worker's periodic event-loop
-work made rarer), submitit (its local executor), and bare:
-the process pool running bare Optuna, without tracking (each worker loads the study and
-runs its share of the budget), the reference for the others' speedup.
+work made rarer), each of those three with ``+preload`` (its workers started with
+``--preload optuna_mlflow_nested.worker_preload``, as README's recipe does), submitit
+(its local executor), and bare: the process pool running bare Optuna, without tracking
+(each worker loads the study and runs its share of the budget), the reference for the
+others' speedup.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def engine(name: str, workers: int, folder: Path, warm: bool = False):
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(abs, range(workers)))  # start the processes
             yield pool, None
-    elif name in ("dask", "dask-noprofile", "dask-quiet"):
+    elif name.removesuffix("+preload") in ("dask", "dask-noprofile", "dask-quiet"):
         import dask
         from distributed import Client
         from distributed import LocalCluster
@@ -80,10 +82,15 @@ def engine(name: str, workers: int, folder: Path, warm: bool = False):
         by_engine: dict[str, dict[str, object]] = {
             "dask": {}, "dask-quiet": QUIETER_DASK,
             "dask-noprofile": {"distributed.worker.profile.enabled": False}}
-        settings = by_engine[name]
+        settings = by_engine[name.removesuffix("+preload")]
+        # +preload: the workers start as README's recipe starts them, the project's
+        # preload paying the stores' imports before any search (a forked pool inherits
+        # them from this process).
+        preload = ["optuna_mlflow_nested.worker_preload"] if name.endswith("+preload") else []
         with dask.config.set(settings), \
                 LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                             dashboard_address=None, host="127.0.0.1") as cluster, \
+                             dashboard_address=None, host="127.0.0.1",
+                             preload=preload) as cluster, \
                 Client(cluster) as client:
             client.wait_for_workers(workers)
             if warm:
@@ -159,8 +166,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds over every engine and worker count (medians reported)")
     parser.add_argument("--warm-workers", action="store_true",
-                        help="Dask's workers import the project before the clock starts, as "
-                             "a long-lived cluster's have (the pool's are forked with it)")
+                        help="Dask's workers import the project and the objective before "
+                             "the clock starts (the pool's are forked with both); for the "
+                             "stores' imports too, see +preload")
     args = parser.parse_args()
     # `timeout` and batch schedulers send SIGTERM: exit through the finally blocks that
     # stop the servers and clusters this script started (their own process groups).

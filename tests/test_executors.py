@@ -5,6 +5,7 @@ RUNNING, and the parent's summary."""
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 import os
@@ -140,11 +141,45 @@ def test_executor_input_errors(tmp_path: Path, tracking_uri: str) -> None:
     assert study.trials == [] and in_memory.trials == []
 
 
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 #: The README's Dask recipe for CPU-bound trials (the workers' event loops wake up
 #: less), as written there: the variables set before its `dask worker` command.
-QUIETER_DASK_ENV = dict(re.findall(r"^\s*(DASK_DISTRIBUTED__\w+)=(\S+) \\$",
-                                   (Path(__file__).resolve().parents[1] / "README.md").read_text(),
-                                   flags=re.M))
+QUIETER_DASK_ENV = dict(re.findall(r"^\s*(DASK_DISTRIBUTED__\w+)=(\S+) \\$", README, flags=re.M))
+#: Its `dask worker` command's preload, as written there (none: the Dask test fails).
+_PRELOAD = re.search(r"^\s*dask worker tcp://HEAD:8786 .*?(--preload \S+)", README, flags=re.M)
+README_PRELOAD = tuple(_PRELOAD.group(1).split()) if _PRELOAD else ()
+
+#: What opening an Optuna database storage and an MLflow database store imports the
+#: first time in a process.
+STORE_IMPORTS = ("sqlalchemy", "alembic", "mako", "optuna.storages._rdb",
+                 "mlflow.store.tracking.sqlalchemy_store")
+
+
+@pytest.mark.parametrize("preloaded", [True, False])
+def test_worker_preload_leaves_a_first_task_none_of_the_stores_imports(
+        tmp_path: Path, tracking_uri: str, preloaded: bool) -> None:
+    # A fresh worker process (a Dask worker, a spawned pool process) runs its first task:
+    # load the study, one trial. With the preload, that imports none of the stores' modules.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    make_study(tmp_path, "preload", tracking_uri)
+    code = "\n".join([
+        "import sys",
+        "import optuna_mlflow_nested as omn",
+        "from optuna_mlflow_nested import worker_preload",
+        "worker_preload.dask_setup(None)" if preloaded else "",
+        "before = set(sys.modules)",
+        f"study = omn.load_study('preload', storage={storage!r}, tracking_uri={tracking_uri!r})",
+        "study.optimize(lambda t: t.suggest_float('x', 0, 1), n_trials=1)",
+        "print(sorted(set(sys.modules) - before))"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path, timeout=120).stdout
+    new_modules = ast.literal_eval(out.strip().splitlines()[-1])
+    imported = [m for m in new_modules if m.startswith(STORE_IMPORTS)]
+    if preloaded:
+        assert imported == []
+    else:  # what the preload is for
+        assert "mlflow.store.tracking.sqlalchemy_store" in imported
+        assert any(m.startswith("optuna.storages._rdb") for m in imported)
 
 
 @pytest.fixture
@@ -152,7 +187,7 @@ def dask_cluster(tmp_path: Path) -> Iterator[DaskCluster]:
     pytest.importorskip("distributed")
     env = {**os.environ, "OMN_HEARTBEAT_INTERVAL": "1", "OMN_GRACE_PERIOD": "3",
            "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "5", **QUIETER_DASK_ENV}
-    cluster = DaskCluster(tmp_path, env)
+    cluster = DaskCluster(tmp_path, env, worker_args=README_PRELOAD)
     cluster.add_worker()
     cluster.add_worker()
     try:
@@ -193,9 +228,16 @@ def test_dask_cluster_runs_the_exact_budget(tmp_path: Path, tracking_uri: str,
             "distributed.admin.tick.interval", "distributed.worker.memory.monitor-interval",
             "distributed.admin.system-monitor.interval", "distributed.worker.profile.enabled")]
 
+    def stores_imported() -> bool:  # before any task: by the recipe's preload
+        import sys
+
+        return "mlflow.store.tracking.sqlalchemy_store" in sys.modules
+
     with _client(dask_cluster) as client:
+        preloaded = client.run(stores_imported)
         study.optimize(objective, n_trials=30, executor=client.get_executor())
         seen = client.run(worker_settings)
+    assert README_PRELOAD and list(preloaded.values()) == [True] * 2, "the recipe's preload"
     assert list(seen.values()) == [["1s", "1s", "2s", False]] * 2, "the recipe reaches workers"
     assert_tree(study, 30)
     # One task per worker: Dask gives equal calls one key (one task) unless told apart.

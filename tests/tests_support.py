@@ -55,8 +55,8 @@ def killing_a_worker_mid_trial(
 class DaskCluster:
     """A real `dask scheduler` and workers on 127.0.0.1, each in its own process group."""
 
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root, self.env = root, env
+    def __init__(self, root: Path, env: dict[str, str], worker_args: tuple[str, ...] = ()) -> None:
+        self.root, self.env, self.worker_args = root, env, worker_args
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -76,7 +76,7 @@ class DaskCluster:
     def add_worker(self) -> subprocess.Popen[bytes]:
         worker = self._spawn("worker", ["worker", self.address, "--nthreads", "1",
                                         "--nworkers", "1", "--no-dashboard",
-                                        "--host", "127.0.0.1"])
+                                        "--host", "127.0.0.1", *self.worker_args])
         self.workers.append(worker)
         return worker
 
