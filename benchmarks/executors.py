@@ -126,7 +126,9 @@ def bare_optuna_worker(storage: str, objective: Burn, n_trials: int, seed: int) 
 
 
 def run(name: str, workers: int, trials: int, objective: Burn, warm: bool = False) -> Timing:
-    with tempfile.TemporaryDirectory() as tmp:
+    # A file an engine's job still writes as the folder is removed (submitit's local
+    # job, say) must not end the whole run.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         folder = Path(tmp)
         (folder / "work").mkdir()
         objective = dataclasses.replace(objective, log_dir=str(folder / "work"))
@@ -147,6 +149,10 @@ def run(name: str, workers: int, trials: int, objective: Burn, warm: bool = Fals
                 tracked.optimize(objective, n_trials=trials, executor=executor,
                                  n_workers=n_workers)
             wall = time.perf_counter() - start
+        if tracked is not None:
+            # Untimed: the writer process draws the parent's figures after optimize
+            # returns, into this folder (its artifacts), which is removed below.
+            tracked.wait_for_figures()
         done = study.trials
         assert len(done) == trials and all(t.state.name == "COMPLETE" for t in done)
         first = min(t.datetime_start for t in done if t.datetime_start)
