@@ -2,20 +2,21 @@
 
 A worker's first task opens the study's Optuna storage and its MLflow tracking store.
 The first such opening in a process imports and sets up SQLAlchemy, Alembic and both
-projects' table mappings: about 0.8 s of one core here (``benchmarks/RESULTS.md``,
-"Executors"), spent before the worker's first trial of a fresh cluster's first search.
-A process pool forked from the calling process inherits all of it; a Dask worker, or a
-pool whose processes are spawned, does not. Importing this module (Dask's ``--preload``)
-or calling :func:`warm_up` (a pool's ``initializer``) pays it before any search.
+projects' table mappings: about 0.86 s here (``benchmarks/first_open.py``), spent
+before the worker's first trial of a fresh cluster's first search. A process pool forked
+from the calling process inherits all of it; a Dask worker, or a pool whose processes
+are spawned, does not. Dask's ``--preload`` of this module (which calls
+:func:`dask_setup`), or :func:`warm_up` in any other long-lived worker process, pays it
+before any search. Importing the module alone does nothing.
 
 Usage:
-    Dask (the module is imported as each worker starts, before it joins the scheduler)::
+    Dask (``dask_setup`` runs as each worker starts, before it joins the scheduler)::
 
         dask worker tcp://HEAD:8786 --nthreads 1 --preload optuna_mlflow_nested.worker_preload
 
     A ``LocalCluster``: ``LocalCluster(..., preload=["optuna_mlflow_nested.worker_preload"])``.
 
-It costs a worker about 0.8 s at its start, and memory for modules it may not need (the
+It costs a worker as much at its start, and memory for modules it may not need (the
 MLflow store's, with an ``mlflow server`` as tracking; Optuna's database storage's, with a
 journal file or the gRPC proxy).
 """
