@@ -71,7 +71,7 @@ def engine(name: str, workers: int, folder: Path, warm: bool = False):
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(abs, range(workers)))  # start the processes
             yield pool, None
-    elif name.removesuffix("+preload") in ("dask", "dask-noprofile", "dask-quiet"):
+    elif (base := name.removesuffix("+preload")) in ("dask", "dask-noprofile", "dask-quiet"):
         import dask
         from distributed import Client
         from distributed import LocalCluster
@@ -82,11 +82,11 @@ def engine(name: str, workers: int, folder: Path, warm: bool = False):
         by_engine: dict[str, dict[str, object]] = {
             "dask": {}, "dask-quiet": QUIETER_DASK,
             "dask-noprofile": {"distributed.worker.profile.enabled": False}}
-        settings = by_engine[name.removesuffix("+preload")]
-        # +preload: the workers start as README's recipe starts them, the project's
-        # preload paying the stores' imports before any search (a forked pool inherits
-        # them from this process).
-        preload = ["optuna_mlflow_nested.worker_preload"] if name.endswith("+preload") else []
+        settings = by_engine[base]
+        # +preload: the workers start with the project's preload (as README's recipe
+        # starts them), which pays the stores' imports before any search (a forked pool
+        # inherits them from this process).
+        preload = ["optuna_mlflow_nested.worker_preload"] if base != name else []
         with dask.config.set(settings), \
                 LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                              dashboard_address=None, host="127.0.0.1",
@@ -126,16 +126,18 @@ def bare_optuna_worker(storage: str, objective: Burn, n_trials: int, seed: int) 
 
 
 def run(name: str, workers: int, trials: int, objective: Burn, warm: bool = False) -> Timing:
-    # A file an engine's job still writes as the folder is removed (submitit's local
-    # job, say) must not end the whole run.
+    # A file something still writes as the folder is removed must not end the whole run.
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         folder = Path(tmp)
         (folder / "work").mkdir()
         objective = dataclasses.replace(objective, log_dir=str(folder / "work"))
         storage = f"sqlite:///{folder / 'o.db'}"
-        tracked = None if name == "bare" else omn.create_study(
-            f"{name}-{workers}", storage=storage, tracking_uri=f"sqlite:///{folder / 'm.db'}",
-            sampler="random", seed=0)
+        # In the folder: the store's artifact root (./mlruns) is resolved on its opening,
+        # so the parent's figures land here, not in the current directory.
+        with contextlib.chdir(folder):
+            tracked = None if name == "bare" else omn.create_study(
+                f"{name}-{workers}", storage=storage,
+                tracking_uri=f"sqlite:///{folder / 'm.db'}", sampler="random", seed=0)
         study = tracked or optuna.create_study(study_name="bare", storage=storage)
         with engine(name, workers, folder, warm) as (executor, n_workers):
             called = datetime.datetime.now()  # Optuna stamps trials with naive local times
@@ -150,8 +152,8 @@ def run(name: str, workers: int, trials: int, objective: Burn, warm: bool = Fals
                                  n_workers=n_workers)
             wall = time.perf_counter() - start
         if tracked is not None:
-            # Untimed: the writer process draws the parent's figures after optimize
-            # returns, into this folder (its artifacts), which is removed below.
+            # Untimed: after optimize returns, the writer process still logs the parent's
+            # figures, to this folder's tracking file and artifacts, removed below.
             tracked.wait_for_figures()
         done = study.trials
         assert len(done) == trials and all(t.state.name == "COMPLETE" for t in done)

@@ -47,7 +47,7 @@ def warm_up() -> None:
     import optuna_mlflow_nested.executors  # what a task runs
     import optuna_mlflow_nested.factories  # noqa: F401
 
-    optuna.storages.RDBStorage("sqlite://")  # in memory: nothing on disk
+    optuna.storages.RDBStorage("sqlite://").engine.dispose()  # in memory: nothing on disk
     sqlalchemy.orm.configure_mappers()
 
 

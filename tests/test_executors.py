@@ -171,9 +171,10 @@ def test_worker_preload_leaves_a_first_task_none_of_the_stores_imports(
         f"study = omn.load_study('preload', storage={storage!r}, tracking_uri={tracking_uri!r})",
         "study.optimize(lambda t: t.suggest_float('x', 0, 1), n_trials=1)",
         "print(sorted(set(sys.modules) - before))"])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=tmp_path, timeout=120).stdout
-    new_modules = ast.literal_eval(out.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    new_modules = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     imported = [m for m in new_modules if m.startswith(STORE_IMPORTS)]
     if preloaded:
         assert imported == []

@@ -369,6 +369,39 @@ def test_the_writer_process_draws_the_parents_figures(tmp_path: Path, tracking_u
     assert "could not draw" not in done.stderr
 
 
+ENDING_SCRIPT = textwrap.dedent("""
+    import sys, optuna
+    import optuna_mlflow_nested as omn
+    from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = omn.create_study("ends", tracking_uri=sys.argv[1], sampler="random", seed=0)
+    study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=4)
+    print("PARENT", study.parent_run_id)
+    print("WRITER", WriterProcess.get()._proc.pid, flush=True)
+""")
+
+
+def test_a_program_that_ends_leaves_its_sqlite_store_closed(tmp_path: Path,
+                                                            tracking_uri: str) -> None:
+    # The writer process skips its interpreter's last garbage collections at exit (most
+    # of a second the program waits for), after closing its database connections: the
+    # store is left as a closed SQLite file, its WAL checkpointed and removed, so the
+    # .db file alone holds every run (as a copy of it would).
+    done = _run_script(tmp_path, ENDING_SCRIPT, tracking_uri)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert _wait_until_gone(int(said["WRITER"]), 30)  # the program waited for its end
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    assert sorted(p.name for p in database.parent.glob(database.name + "-*")) == []
+    names = {a.path for a in MlflowClient(tracking_uri).list_artifacts(said["PARENT"])}
+    assert {"optimization_history.png", "param_importances.png"} <= names
+    runs = MlflowClient(tracking_uri).search_runs(
+        [MlflowClient(tracking_uri).get_run(said["PARENT"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{said['PARENT']}'")
+    assert len(runs) == 4
+
+
 _WRITERS_SEEN: list[bool] = []
 
 
