@@ -394,11 +394,11 @@ def test_a_program_that_ends_leaves_its_sqlite_store_closed(tmp_path: Path,
     assert _wait_until_gone(int(said["WRITER"]), 30)  # the program waited for its end
     database = Path(tracking_uri.removeprefix("sqlite:///"))
     assert sorted(p.name for p in database.parent.glob(database.name + "-*")) == []
-    names = {a.path for a in MlflowClient(tracking_uri).list_artifacts(said["PARENT"])}
+    client = MlflowClient(tracking_uri)
+    names = {a.path for a in client.list_artifacts(said["PARENT"])}
     assert {"optimization_history.png", "param_importances.png"} <= names
-    runs = MlflowClient(tracking_uri).search_runs(
-        [MlflowClient(tracking_uri).get_run(said["PARENT"]).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{said['PARENT']}'")
+    runs = client.search_runs([client.get_run(said["PARENT"]).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{said['PARENT']}'")
     assert len(runs) == 4
 
 
