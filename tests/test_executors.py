@@ -155,6 +155,7 @@ STORE_IMPORTS = ("sqlalchemy", "alembic", "mako", "optuna.storages._rdb",
                  "mlflow.store.tracking.sqlalchemy_store")
 
 
+@pytest.mark.slow  # default suite under 5 min on 2 cores
 @pytest.mark.parametrize("preloaded", [True, False])
 def test_worker_preload_leaves_a_first_task_none_of_the_stores_imports(
         tmp_path: Path, tracking_uri: str, preloaded: bool) -> None:

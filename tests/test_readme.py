@@ -12,6 +12,7 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow  # default suite under 5 min on 2 cores
 def test_readme_api_example_runs(tmp_path: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     example = next(b for b in blocks if "omn.create_study(\"my-study\"" in b)

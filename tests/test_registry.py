@@ -31,6 +31,7 @@ def _alias(client: MlflowClient, alias: str) -> str:
     return str(client.get_model_version_by_alias("house", alias).version)
 
 
+@pytest.mark.slow  # default suite under 5 min on 2 cores
 def test_champion_moves_only_on_better_validation_of_same_data(tracking_uri) -> None:
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     split = _split()

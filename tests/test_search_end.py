@@ -104,6 +104,7 @@ def test_big_searches_make_no_reads_beside_their_trials(
     assert started == []
 
 
+@pytest.mark.slow  # default suite under 5 min on 2 cores
 def test_the_reads_succeed_on_a_database_store_and_a_server(
         tracking_uri: str, mlflow_server) -> None:
     """The thread ignores errors (the end reads again): here they must not happen."""

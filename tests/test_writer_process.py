@@ -256,6 +256,7 @@ def test_trials_faster_than_the_store_are_named_at_run_time_and_nothing_is_lost(
     assert set(runs["status"]) == {"FINISHED"}
 
 
+@pytest.mark.slow  # default suite under 5 min on 2 cores
 def test_a_search_the_store_keeps_up_with_gets_no_rate_warning(
         tracking_uri: str, recwarn: pytest.WarningsRecorder) -> None:
     # More trials than the backlog that counts as falling behind (so the warning could
@@ -382,6 +383,7 @@ ENDING_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # default suite under 5 min on 2 cores
 def test_a_program_that_ends_leaves_its_sqlite_store_closed(tmp_path: Path,
                                                             tracking_uri: str) -> None:
     # The writer process skips its interpreter's last garbage collections at exit (most
