@@ -19,7 +19,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import os
-import pickle
 import time
 from typing import TYPE_CHECKING
 from typing import Any
@@ -32,6 +31,8 @@ from optuna.trial import TrialState
 
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
+from optuna_mlflow_nested._executor_checks import resolve_workers
+from optuna_mlflow_nested._executor_checks import shared_storage
 from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested.tracking.delivery import equals_clause
 from optuna_mlflow_nested.tracking.delivery import search_equal
@@ -207,51 +208,6 @@ def _run_worker(spec: WorkerSpec) -> int:
     return len(study.get_trials(deepcopy=False)) - before
 
 
-def _check_shareable(study: NestedStudy, executor: Any) -> None:
-    storage, _ = _compat.study_storage(study)
-    if isinstance(storage, optuna.storages.InMemoryStorage):
-        raise ValueError(
-            "optimize(executor=...) needs a storage the workers share (an RDB URL such as "
-            "sqlite:////abs/path/optuna.db or postgresql://..., a journal file, or Optuna's "
-            "gRPC proxy); this study is in memory")
-    url = _compat.rdb_url(storage) or ""
-    if url.startswith("sqlite") and (":memory:" in url or url.rstrip("/") == "sqlite:"):
-        raise ValueError(f"optimize(executor=...) cannot share the in-memory SQLite storage {url!r}")
-    if tracking.clients.sqlite_path(study.tracking_uri) is None and study.tracking_uri.startswith(
-            "sqlite"):
-        raise ValueError("optimize(executor=...) cannot share an in-memory SQLite tracking URI")
-
-
-def _check_picklable(func: Any, executor: Any) -> None:
-    in_process = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
-    if in_process:
-        return
-    name = getattr(func, "__qualname__", type(func).__name__)
-    try:
-        if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
-            pickle.dumps(func)
-        else:
-            import cloudpickle
-
-            cloudpickle.dumps(func)
-    except Exception as exc:
-        raise ValueError(
-            f"the objective {name!r} cannot be sent to the executor's workers "
-            f"({type(exc).__name__}: {exc}); define it at module level (process pools pickle "
-            "it by reference) and keep unpicklable state out of it") from None
-
-
-def _resolve_workers(executor: Any, n_workers: int | None) -> int:
-    if n_workers is None:
-        n_workers = _compat.executor_worker_count(executor)
-        if n_workers is None:
-            raise ValueError(f"n_workers is required: the worker count of {type(executor).__name__} "
-                             "cannot be known")
-    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers <= 0:
-        raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
-    return n_workers
-
-
 def optimize_with_executor(
     study: NestedStudy, func: Callable[[optuna.Trial], Any], *, n_trials: int | None,
     timeout: float | None, catch: tuple[type[Exception], ...],
@@ -259,24 +215,22 @@ def optimize_with_executor(
     executor: Any, n_workers: int | None,
 ) -> None:
     """The body of ``NestedStudy.optimize(executor=...)``: queue the budget, submit one
-    task per worker, wait, then clean up after dead workers."""
-    if not hasattr(executor, "submit"):
-        raise TypeError(f"executor must have a submit() method, got {type(executor).__name__}")
-    if n_trials is None:
-        raise ValueError("optimize(executor=...) needs n_trials: the exact total over all workers")
-    if n_trials == 0:
+    task per worker, wait, then clean up after dead workers. The arguments were checked
+    before the search began (``_executor_checks.check_optimize_args``)."""
+    if not n_trials:
         return
-    _check_shareable(study, executor)
-    _check_picklable(func, executor)
-    workers = _resolve_workers(executor, n_workers)
+    workers = resolve_workers(executor, n_workers)
     storage, _ = _compat.study_storage(study)
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    # Queued trials (enqueue_trial, a timeout's leftovers) count in the budget, oldest
+    # first, as in Optuna: the rest wait for the next call.
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[:n_trials]
     # Bare WAITING trials (not enqueue_trial({}), whose empty fixed params the
     # GridSampler refuses): the sampler picks their params when a worker takes them.
     waiting += _compat.add_waiting_trials(study, max(0, n_trials - len(waiting)))
     queued = {t.number for t in waiting}
     spec = WorkerSpec(
-        study_name=study.study_name, storage=storage, tracking_uri=study.tracking_uri,
+        study_name=study.study_name, storage=shared_storage(storage),
+        tracking_uri=study.tracking_uri,
         metric_name=study.metric_name, sampler=study.sampler, pruner=study.pruner, func=func,
         catch=catch, callbacks=tuple(callbacks), gc_after_trial=gc_after_trial,
         deadline=None if timeout is None else time.time() + timeout, session=uuid.uuid4().hex,

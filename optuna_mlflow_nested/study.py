@@ -19,9 +19,9 @@ import pandas as pd
 
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
+from optuna_mlflow_nested._executor_checks import check_optimize_args
 from optuna_mlflow_nested._study_setup import EXPERIMENT_ATTR
 from optuna_mlflow_nested._study_setup import PARENT_RUN_ATTR
-from optuna_mlflow_nested._study_setup import check_optimize_args
 from optuna_mlflow_nested.executors import SESSION_TAG
 from optuna_mlflow_nested.executors import BudgetSpent
 from optuna_mlflow_nested.executors import QueuedBudget
@@ -162,7 +162,7 @@ class NestedStudy(optuna.Study):
             # Optuna refuses nested optimize; let it say so without touching our runs.
             return super().optimize(func, n_trials, timeout, n_jobs, catch, callbacks,
                                     gc_after_trial, show_progress_bar)
-        check_optimize_args(func, n_trials, timeout, n_jobs)
+        n_workers = check_optimize_args(self, func, n_trials, timeout, n_jobs, executor, n_workers)
         tracking.clients.check_tracking_uri_free(self.tracking_uri)
         if n_jobs != 1 and self.seed is not None and not self._warned_reseed:
             self._warned_reseed = True

@@ -141,6 +141,69 @@ def test_executor_input_errors(tmp_path: Path, tracking_uri: str) -> None:
     assert study.trials == [] and in_memory.trials == []
 
 
+def test_executor_input_errors_leave_a_finished_study_as_it_was(tmp_path: Path,
+                                                              tracking_uri: str) -> None:
+    # "a clear ValueError before anything runs": the parent run of a study that
+    # finished stays FINISHED, with its tags, after a mistyped optimize(executor=...).
+    study = make_study(tmp_path, "kept", tracking_uri)
+    study.optimize(quadratic, n_trials=2)
+    assert study.wait_for_figures(timeout=120)
+    client = MlflowClient(tracking_uri)
+    before = client.get_run(study.parent_run_id)
+    with ProcessPoolExecutor(1) as pool:
+        with pytest.raises(ValueError, match="objective"):
+            study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2, executor=pool)
+        with pytest.raises(ValueError, match="n_trials"):
+            study.optimize(quadratic, executor=pool)
+        with pytest.raises(ValueError, match="n_workers"):
+            study.optimize(quadratic, n_trials=2, executor=pool, n_workers=0)
+    after = client.get_run(study.parent_run_id)
+    assert after.info.status == before.info.status == "FINISHED"
+    assert after.info.end_time == before.info.end_time
+    assert after.data.tags == before.data.tags
+    assert len(study.trials) == 2
+
+
+def test_a_relative_sqlite_storage_reaches_workers_started_in_another_folder(
+        tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Dask worker or a submitit job starts in its own folder: a relative
+    # sqlite:///optuna.db there is another, empty file.
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    study = omn.create_study("relative", storage="sqlite:///optuna.db",
+                             tracking_uri=tracking_uri, sampler="random", seed=0)
+    with ProcessPoolExecutor(2, initializer=os.chdir, initargs=(str(elsewhere),)) as pool:
+        study.optimize(quadratic, n_trials=6, executor=pool)
+    assert_tree(study, 6)
+    assert not (elsewhere / "optuna.db").exists()
+
+
+def sleepy(trial: optuna.Trial) -> float:
+    time.sleep(0.2)
+    return trial.suggest_float("x", -2, 2) ** 2
+
+
+def test_timeout_leaves_queued_trials_that_the_next_call_counts_in_its_budget(
+        tmp_path: Path, tracking_uri: str) -> None:
+    study = make_study(tmp_path, "timeout", tracking_uri)
+    study.enqueue_trial({"x": 1.5})  # the user's queued trial: first, in the budget (Optuna)
+    with ProcessPoolExecutor(2) as pool:
+        study.optimize(sleepy, n_trials=40, timeout=1.0, executor=pool)
+        done = [t for t in study.trials if t.state.is_finished()]
+        waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+        assert len(done) < 40 and len(done) + len(waiting) == 40  # the queued one counts
+        assert "RUNNING" not in {t.state.name for t in study.trials}
+        # The next call runs exactly its n_trials, the oldest queued first.
+        study.optimize(quadratic, n_trials=3, executor=pool)
+    finished = {t.number for t in study.trials if t.state.is_finished()}
+    assert finished == {t.number for t in done} | {t.number for t in waiting[:3]}
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == len(waiting) - 3
+    parent = MlflowClient(tracking_uri).get_run(study.parent_run_id)
+    assert parent.info.status == "FINISHED"
+
+
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 #: The README's Dask recipe for CPU-bound trials (the workers' event loops wake up
 #: less), as written there: the variables set before its `dask worker` command.

@@ -1,0 +1,105 @@
+"""The checks of ``optimize(executor=...)``, made before the search touches its parent
+run, and the storage the workers are given."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+import pickle
+from typing import Any
+
+import optuna
+
+from optuna_mlflow_nested import _compat
+from optuna_mlflow_nested._study_setup import check_optimize_args as _check_common
+from optuna_mlflow_nested.tracking.clients import sqlite_path
+
+
+def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jobs: Any,
+                        executor: Any, n_workers: Any) -> int | None:
+    """Check ``optimize``'s arguments before anything runs (the parent run included).
+
+    Returns:
+        With an executor and a budget, the number of tasks to submit; else ``n_workers``.
+
+    Raises:
+        TypeError, ValueError: naming the bad argument: with ``executor``, also a
+            storage or tracking URI the workers cannot share, an objective that cannot
+            be pickled, no ``n_trials``, or a worker count that cannot be known.
+    """
+    _check_common(func, n_trials, timeout, n_jobs)
+    if executor is None:
+        return n_workers
+    if not hasattr(executor, "submit"):
+        raise TypeError(f"executor must have a submit() method, got {type(executor).__name__}")
+    if n_trials is None:
+        raise ValueError("optimize(executor=...) needs n_trials: the exact total over all workers")
+    if n_trials == 0:  # nothing runs, as in Optuna
+        return n_workers
+    _check_shareable(study)
+    _check_picklable(func, executor)
+    return resolve_workers(executor, n_workers)
+
+
+def shared_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage | str:
+    """``storage`` as the workers are to open it: a relative SQLite file as an absolute URL.
+
+    A Dask worker or a submitit job starts in a folder of its own, where a relative
+    ``sqlite:///optuna.db`` is another, empty file. (Workers reopen an RDB storage from
+    its URL anyway, with heartbeats: ``executors._run_worker``.)
+    """
+    url = _compat.rdb_url(storage)
+    path = None if url is None else sqlite_path(url)
+    if url is None or path is None or path.is_absolute():
+        return storage
+    from sqlalchemy.engine import make_url
+
+    absolute = make_url(url).set(database=str(Path(path).resolve()))
+    return absolute.render_as_string(hide_password=False)
+
+
+def _check_shareable(study: Any) -> None:
+    storage, _ = _compat.study_storage(study)
+    if isinstance(storage, optuna.storages.InMemoryStorage):
+        raise ValueError(
+            "optimize(executor=...) needs a storage the workers share (an RDB URL such as "
+            "sqlite:////abs/path/optuna.db or postgresql://..., a journal file, or Optuna's "
+            "gRPC proxy); this study is in memory")
+    url = _compat.rdb_url(storage) or ""
+    if url.startswith("sqlite") and (":memory:" in url or url.rstrip("/") == "sqlite:"):
+        raise ValueError(f"optimize(executor=...) cannot share the in-memory SQLite storage {url!r}")
+    if sqlite_path(study.tracking_uri) is None and study.tracking_uri.startswith("sqlite"):
+        raise ValueError("optimize(executor=...) cannot share an in-memory SQLite tracking URI")
+
+
+def _check_picklable(func: Any, executor: Any) -> None:
+    if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+        return  # in process
+    name = getattr(func, "__qualname__", type(func).__name__)
+    try:
+        if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+            pickle.dumps(func)
+        else:
+            import cloudpickle
+
+            cloudpickle.dumps(func)
+    except Exception as exc:
+        raise ValueError(
+            f"the objective {name!r} cannot be sent to the executor's workers "
+            f"({type(exc).__name__}: {exc}); define it at module level (process pools pickle "
+            "it by reference) and keep unpicklable state out of it") from None
+
+
+def resolve_workers(executor: Any, n_workers: int | None) -> int:
+    if n_workers is None:
+        n_workers = _compat.executor_worker_count(executor)
+        if n_workers is None:
+            dask = type(executor).__module__.startswith("distributed")
+            raise ValueError(
+                "n_workers is required: " + (
+                    "no Dask worker is connected to the client yet (client.wait_for_workers(n) "
+                    "first, or pass n_workers=n)" if dask else
+                    f"the worker count of {type(executor).__name__} cannot be known"))
+    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers <= 0:
+        raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
+    return n_workers
