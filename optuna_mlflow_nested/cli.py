@@ -67,8 +67,9 @@ def _add_tune_command(subparsers: argparse._SubParsersAction) -> None:
 def _add_worker_command(subparsers: argparse._SubParsersAction) -> None:
     worker = subparsers.add_parser(
         "worker", help="join an existing tune study (e.g. from another machine) and run trials",
-        description="Run TRIALS more trials of a study that `tune` created, with the same data "
-        "arguments, storage and tracking URI. Workers never run the finish step: the `tune` "
+        description="Run TRIALS more trials of a `tune` study (made here if it does not exist "
+        "yet), with the same data arguments, storage and tracking URI. Workers never run the "
+        "finish step: the `tune` "
         "command does, once its own workers are done (run `tune` again to finish on the "
         "final best after remote workers stop).",
     )

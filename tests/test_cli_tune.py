@@ -21,6 +21,15 @@ def runs_of(tmp: Path, experiment: str = "catboost-tune") -> tuple[MlflowClient,
     return client, client.search_runs([exp.experiment_id], max_results=1000), exp.experiment_id
 
 
+def assert_one_parent_four_trials_one_model(tmp: Path) -> None:
+    client, runs, experiment_id = runs_of(tmp)
+    parents = [r for r in runs if r.data.tags.get("optuna.role") == "study"]
+    assert len(parents) == 1 and parents[0].data.tags["best_model"] == "true"
+    assert sorted(r.info.run_name for r in runs if r.info.run_name.startswith("trial-")) == [
+        f"trial-{i}" for i in range(4)]
+    assert len(client.search_logged_models(experiment_ids=[experiment_id])) == 1
+
+
 def test_tune_defaults_summary_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["tune", "--trials", "3", *FAST]) == 0
     out = capsys.readouterr().out
@@ -66,6 +75,20 @@ def test_workers_share_one_study_and_finish_once(tmp_path: Path) -> None:
     client, runs, experiment_id = runs_of(tmp_path)
     assert sum(r.info.run_name.startswith("trial-") for r in runs) == 6
     assert len(client.search_logged_models(experiment_ids=[experiment_id])) == 1
+
+
+@pytest.mark.slow
+def test_readme_kubernetes_order_workers_first_then_tune_tops_up_and_finishes(
+        tmp_path: Path) -> None:
+    # README's Kubernetes recipe: the pods' workers make the study, then one `tune`
+    # runs what the budget still lacks and the finish step, once.
+    assert main(["worker", "--trials", "2", "--tuning-iterations", "20"]) == 0
+    assert main(["worker", "--trials", "1", "--tuning-iterations", "20"]) == 0
+    client, runs, experiment_id = runs_of(tmp_path)
+    assert sum(r.info.run_name.startswith("trial-") for r in runs) == 3
+    assert client.search_logged_models(experiment_ids=[experiment_id]) == []
+    assert main(["tune", "--trials", "4", *FAST]) == 0
+    assert_one_parent_four_trials_one_model(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -129,12 +152,7 @@ def test_tune_on_a_dask_cluster(tmp_path: Path) -> None:
         assert main(["tune", "--trials", "4", "--dask", cluster.address, *FAST]) == 0
     finally:
         cluster.stop()
-    client, runs, experiment_id = runs_of(tmp_path)
-    parents = [r for r in runs if r.data.tags.get("optuna.role") == "study"]
-    assert len(parents) == 1 and parents[0].data.tags["best_model"] == "true"
-    assert sorted(r.info.run_name for r in runs if r.info.run_name.startswith("trial-")) == [
-        f"trial-{i}" for i in range(4)]
-    assert len(client.search_logged_models(experiment_ids=[experiment_id])) == 1
+    assert_one_parent_four_trials_one_model(tmp_path)
 
 
 @pytest.mark.slow

@@ -85,12 +85,22 @@ SCRIPT = textwrap.dedent("""
 
     def objective(trial):
         if trial.number == 6:
-            print("SIXTH", flush=True)
+            from optuna_mlflow_nested.tracking.writer_process import WriterProcess
+
+            print("SIXTH", WriterProcess.get().pid, flush=True)
             time.sleep(600)  # killed here
         return trial.suggest_float("x", -1, 1) ** 2
 
     study.optimize(objective, n_trials=10)
 """)
+
+
+def _exited(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie waiting for init to reap it counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 @pytest.mark.slow
@@ -101,14 +111,23 @@ def test_sigkill_after_tell_loses_no_told_trial(tmp_path: Path, tracking_uri: st
     proc = subprocess.Popen([sys.executable, str(script), tracking_uri, storage],
                             stdout=subprocess.PIPE, text=True, start_new_session=True,
                             env={k: v for k, v in os.environ.items() if k != "OMN_WRITER"})
+    writer = None
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "SIXTH"
+        word, pid = proc.stdout.readline().split()
+        assert word == "SIXTH"
+        writer = int(pid)
         proc.send_signal(signal.SIGKILL)  # the objective's process only, not the writer
         proc.wait(timeout=30)
+        deadline = time.monotonic() + 90  # it delivers, sees the pipe closed, and exits
+        while not _exited(writer) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _exited(writer), "the writer process outlived its program"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        if writer is not None and not _exited(writer):
+            os.killpg(writer, signal.SIGKILL)  # its own session
     told = [t for t in optuna.load_study(study_name="killed", storage=storage).trials
             if t.state.is_finished()]
     assert [t.number for t in told] == list(range(6))
