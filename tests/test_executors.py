@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 import optuna
@@ -178,6 +179,20 @@ def test_a_relative_sqlite_storage_reaches_workers_started_in_another_folder(
         study.optimize(quadratic, n_trials=6, executor=pool)
     assert_tree(study, 6)
     assert not (elsewhere / "optuna.db").exists()
+
+
+@pytest.mark.slow  # a tracking server
+@pytest.mark.postgres
+def test_process_pool_on_postgres_and_a_tracking_server(postgres_url: str,
+                                                        mlflow_server: Any) -> None:
+    # The recipes' storage and tracking for many machines, on one.
+    storage = postgres_url.replace("postgresql://", "postgresql+psycopg2://")
+    study = omn.create_study("pool-pg-server", experiment_name="pool-pg-server",
+                             storage=storage, tracking_uri=mlflow_server.uri,
+                             sampler="random", seed=0)
+    with ProcessPoolExecutor(2) as pool:
+        study.optimize(quadratic, n_trials=8, executor=pool)
+    assert_tree(study, 8)
 
 
 def sleepy(trial: optuna.Trial) -> float:
