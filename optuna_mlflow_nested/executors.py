@@ -253,8 +253,26 @@ def optimize_with_executor(
     if _fail_stale_trials(study, queued):
         study.reconcile(create_missing=True)  # those trials died before their run was known
     _end_spare_runs(study, spec.session)
-    if errors:
+    if errors and all(map(_lost_worker, errors)) and not _budget_left(study, queued):
+        # An engine that does not retry a dead worker's task (submitit): the others ran
+        # the rest of the budget, and the dead worker's trial was failed above.
+        warnings.warn(f"{len(errors)} worker task(s) of study {study.study_name!r} were lost "
+                      f"({redact_secrets(str(errors[0]).splitlines()[0])}); their trials were "
+                      "failed and the other workers ran the rest of the budget",
+                      RuntimeWarning, stacklevel=3)
+    elif errors:
         raise _with_budget_left(study, errors[0])
+
+
+def _lost_worker(error: BaseException) -> bool:
+    """Whether ``error`` says a worker died (rather than that its task raised)."""
+    return isinstance(error, concurrent.futures.BrokenExecutor) or type(error).__name__ in (
+        "UncompletedJobError", "KilledWorker")  # submitit: no result; Dask: given up on
+
+
+def _budget_left(study: NestedStudy, queued: set[int]) -> bool:
+    unfinished = (TrialState.WAITING, TrialState.RUNNING)
+    return any(t.number in queued for t in study.get_trials(deepcopy=False, states=unfinished))
 
 
 def _with_budget_left(study: NestedStudy, error: BaseException) -> BaseException:

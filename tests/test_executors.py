@@ -355,9 +355,9 @@ def test_dask_worker_killed_mid_trial(tmp_path: Path, tracking_uri: str,
 
     with killing_a_worker_mid_trial("dask-kill", f"sqlite:///{tmp_path / 'optuna.db'}",
                                     kill_its_group) as killed, _client(dask_cluster) as client:
-        study.optimize(objective, n_trials=20, executor=client.get_executor(), n_workers=2)
+        study.optimize(objective, n_trials=30, executor=client.get_executor(), n_workers=2)
     assert killed, "no worker was seen running a trial"
-    assert_tree(study, 20)
+    assert_tree(study, 30)
     lost = study.trials[killed[0]]
     assert lost.state.name == "FAIL"
     run = MlflowClient(tracking_uri).get_run(study.child_run_id(lost.number))
@@ -382,6 +382,48 @@ def test_submitit_local_executor(tmp_path: Path, tracking_uri: str) -> None:
         study.optimize(objective, n_trials=6, executor=executor)
     study.optimize(objective, n_trials=6, executor=executor, n_workers=2)
     assert_tree(study, 6)
+
+
+@pytest.mark.slow
+def test_submitit_job_killed_mid_trial(tmp_path: Path, tracking_uri: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # The other job runs the rest of the budget; the lost job's trial is failed, its
+    # run FAILED, and optimize returns (with a warning naming the lost job).
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.setenv("OMN_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("OMN_GRACE_PERIOD", "3")
+    study = make_study(tmp_path, "submitit-kill", tracking_uri)
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=5)
+
+    def objective(trial: optuna.Trial) -> float:  # by value: a job cannot import this module
+        import os
+        import time
+
+        import mlflow
+
+        trial.set_user_attr("pid", os.getpid())
+        x = trial.suggest_float("x", -2, 2)
+        mlflow.log_metric("inside", x)
+        time.sleep(0.3)
+        return x * x
+
+    def kill_its_job(trial: optuna.trial.FrozenTrial) -> bool:
+        pid = trial.user_attrs.get("pid")
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGKILL)
+        return True
+
+    with killing_a_worker_mid_trial("submitit-kill", f"sqlite:///{tmp_path / 'optuna.db'}",
+                                    kill_its_job) as killed, \
+            pytest.warns(RuntimeWarning, match="lost"):
+        study.optimize(objective, n_trials=30, executor=executor, n_workers=2)
+    assert killed, "no job was seen running a trial"
+    assert_tree(study, 30)
+    lost = study.trials[killed[0]]
+    assert lost.state.name == "FAIL"
+    assert MlflowClient(tracking_uri).get_run(study.child_run_id(lost.number)).info.status == "FAILED"
 
 
 @pytest.mark.slow
