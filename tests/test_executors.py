@@ -6,6 +6,7 @@ RUNNING, and the parent's summary."""
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 import os
@@ -324,6 +325,26 @@ def test_dask_cluster_runs_the_exact_budget(tmp_path: Path, tracking_uri: str,
     assert len({t.user_attrs["pid"] for t in study.trials}) == 2, "both Dask workers ran trials"
 
 
+def slow_objective_telling_its_process() -> Callable[[optuna.Trial], float]:
+    """An objective of 0.3 s that records its process and process group in the trial,
+    defined here so that cloudpickle sends it by value (workers cannot import tests)."""
+
+    def objective(trial: optuna.Trial) -> float:
+        import os
+        import time
+
+        import mlflow
+
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("pgid", os.getpgid(0))
+        x = trial.suggest_float("x", -2, 2)
+        mlflow.log_metric("inside", x)
+        time.sleep(0.3)
+        return x * x
+
+    return objective
+
+
 @pytest.mark.slow
 def test_dask_worker_killed_mid_trial(tmp_path: Path, tracking_uri: str,
                                       dask_cluster: DaskCluster,
@@ -333,17 +354,7 @@ def test_dask_worker_killed_mid_trial(tmp_path: Path, tracking_uri: str,
     study = make_study(tmp_path, "dask-kill", tracking_uri)
     groups = {w.pid for w in dask_cluster.workers}
 
-    def objective(trial: optuna.Trial) -> float:
-        import os
-        import time
-
-        import mlflow
-
-        trial.set_user_attr("pgid", os.getpgid(0))
-        x = trial.suggest_float("x", -2, 2)
-        mlflow.log_metric("inside", x)
-        time.sleep(0.3)
-        return x * x
+    objective = slow_objective_telling_its_process()
 
     def kill_its_group(trial: optuna.trial.FrozenTrial) -> bool:
         # The first worker seen running a trial is SIGKILLed (whole process group).
@@ -396,17 +407,7 @@ def test_submitit_job_killed_mid_trial(tmp_path: Path, tracking_uri: str,
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
     executor.update_parameters(timeout_min=5)
 
-    def objective(trial: optuna.Trial) -> float:  # by value: a job cannot import this module
-        import os
-        import time
-
-        import mlflow
-
-        trial.set_user_attr("pid", os.getpid())
-        x = trial.suggest_float("x", -2, 2)
-        mlflow.log_metric("inside", x)
-        time.sleep(0.3)
-        return x * x
+    objective = slow_objective_telling_its_process()
 
     def kill_its_job(trial: optuna.trial.FrozenTrial) -> bool:
         pid = trial.user_attrs.get("pid")
