@@ -49,13 +49,15 @@ def shared_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.Base
     its URL anyway, with heartbeats: ``executors._run_worker``.)
     """
     url = _compat.rdb_url(storage)
-    path = None if url is None else sqlite_path(url)
-    if url is None or path is None or path.is_absolute():
+    if url is None or not url.startswith("sqlite"):
         return storage
     from sqlalchemy.engine import make_url
 
-    absolute = make_url(url).set(database=str(Path(path).resolve()))
-    return absolute.render_as_string(hide_password=False)
+    parsed = make_url(url)  # also sqlite+pysqlite:///...; a query (?timeout=30) is kept
+    if parsed.database in (None, "", ":memory:") or Path(parsed.database).is_absolute():
+        return storage
+    absolute = parsed.set(database=str(Path(parsed.database).resolve()))
+    return absolute.render_as_string(hide_password=False)  # (SQLite URLs hold no password)
 
 
 def _check_shareable(study: Any) -> None:

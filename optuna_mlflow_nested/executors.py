@@ -253,31 +253,37 @@ def optimize_with_executor(
     if _fail_stale_trials(study, queued):
         study.reconcile(create_missing=True)  # those trials died before their run was known
     _end_spare_runs(study, spec.session)
-    if errors and all(map(_lost_worker, errors)) and not _budget_left(study, queued):
-        # An engine that does not retry a dead worker's task (submitit): the others ran
-        # the rest of the budget, and the dead worker's trial was failed above.
+    if errors and all(map(_lost_job, errors)) and not _budget_left(study, queued):
+        # submitit does not run a dead job again: the other jobs ran the rest of the
+        # budget, and the dead job's trial was failed above.
+        first = (str(errors[0]).splitlines() or [type(errors[0]).__name__])[0]
         warnings.warn(f"{len(errors)} worker task(s) of study {study.study_name!r} were lost "
-                      f"({redact_secrets(str(errors[0]).splitlines()[0])}); their trials were "
-                      "failed and the other workers ran the rest of the budget",
-                      RuntimeWarning, stacklevel=3)
+                      f"({redact_secrets(first)}); their trials were failed and the other "
+                      "workers ran the rest of the budget", RuntimeWarning, stacklevel=3)
     elif errors:
-        raise _with_budget_left(study, errors[0])
+        raise _with_budget_left(study, errors[0], queued)
 
 
-def _lost_worker(error: BaseException) -> bool:
-    """Whether ``error`` says a worker died (rather than that its task raised)."""
-    return isinstance(error, concurrent.futures.BrokenExecutor) or type(error).__name__ in (
-        "UncompletedJobError", "KilledWorker")  # submitit: no result; Dask: given up on
+def _lost_job(error: BaseException) -> bool:
+    """Whether ``error`` is submitit's word for a job that ended without a result (killed).
+
+    Not a broken process pool (it stopped every worker, and is unusable from then on)
+    nor Dask's ``KilledWorker`` (the task itself is suspected): those are raised.
+    """
+    return (type(error).__name__ == "UncompletedJobError"
+            and type(error).__module__.startswith("submitit"))
 
 
-def _budget_left(study: NestedStudy, queued: set[int]) -> bool:
+def _budget_left(study: NestedStudy, queued: set[int]) -> int:
+    """How many trials of the budget (numbers ``queued``) are not finished."""
     unfinished = (TrialState.WAITING, TrialState.RUNNING)
-    return any(t.number in queued for t in study.get_trials(deepcopy=False, states=unfinished))
+    return sum(t.number in queued for t in study.get_trials(deepcopy=False, states=unfinished))
 
 
-def _with_budget_left(study: NestedStudy, error: BaseException) -> BaseException:
+def _with_budget_left(study: NestedStudy, error: BaseException, queued: set[int]) -> BaseException:
     """A broken engine (a pool whose worker was killed) says what is left of the budget."""
-    left = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    left = sum(t.number in queued
+               for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     if not left:
         return error
     advice = (f"{left} trial(s) of the budget are still queued in study {study.study_name!r}: "

@@ -196,6 +196,20 @@ def test_process_pool_on_postgres_and_a_tracking_server(postgres_url: str,
     assert_tree(study, 8)
 
 
+def test_shared_storage_makes_only_relative_sqlite_files_absolute(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from optuna_mlflow_nested._executor_checks import shared_storage
+
+    monkeypatch.chdir(tmp_path)
+    relative = optuna.storages.RDBStorage("sqlite+pysqlite:///rel.db?timeout=30")
+    assert shared_storage(relative) == f"sqlite+pysqlite:///{tmp_path / 'rel.db'}?timeout=30"
+    absolute = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'abs.db'}")
+    assert shared_storage(absolute) is absolute
+    journal = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log")))
+    assert shared_storage(journal) is journal
+
+
 def sleepy(trial: optuna.Trial) -> float:
     time.sleep(0.2)
     return trial.suggest_float("x", -2, 2) ** 2
@@ -216,6 +230,7 @@ def test_timeout_leaves_queued_trials_that_the_next_call_counts_in_its_budget(
     finished = {t.number for t in study.trials if t.state.is_finished()}
     assert finished == {t.number for t in done} | {t.number for t in waiting[:3]}
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == len(waiting) - 3
+    assert study.trials[0].params == {"x": 1.5}  # the enqueued trial ran, in one call or the other
     parent = MlflowClient(tracking_uri).get_run(study.parent_run_id)
     assert parent.info.status == "FINISHED"
 
@@ -418,7 +433,7 @@ def test_submitit_job_killed_mid_trial(tmp_path: Path, tracking_uri: str,
 
     with killing_a_worker_mid_trial("submitit-kill", f"sqlite:///{tmp_path / 'optuna.db'}",
                                     kill_its_job) as killed, \
-            pytest.warns(RuntimeWarning, match="lost"):
+            pytest.warns(RuntimeWarning, match=r"1 worker task\(s\) .* were lost \(Job \d+"):
         study.optimize(objective, n_trials=30, executor=executor, n_workers=2)
     assert killed, "no job was seen running a trial"
     assert_tree(study, 30)
