@@ -215,6 +215,7 @@ def sleepy(trial: optuna.Trial) -> float:
     return trial.suggest_float("x", -2, 2) ** 2
 
 
+@pytest.mark.slow  # default suite under 5 min on 2 cores
 def test_timeout_leaves_queued_trials_that_the_next_call_counts_in_its_budget(
         tmp_path: Path, tracking_uri: str) -> None:
     study = make_study(tmp_path, "timeout", tracking_uri)

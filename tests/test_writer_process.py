@@ -266,12 +266,14 @@ def test_trials_faster_than_the_store_are_named_at_run_time_and_nothing_is_lost(
     monkeypatch.setenv("OMN_WRITER", writer)
     study = omn.create_study(f"fast-{writer}", tracking_uri=tracking_uri, sampler="random", seed=0)
     with pytest.warns(RuntimeWarning, match="trials end faster than the tracking store") as seen:
-        study.optimize(_quadratic, n_trials=250)
+        # 500 (was 250, and in one CI run writer threads kept the backlog under
+        # LAG_BACKLOG): trials ending 1.15x as fast as the store writes now suffice
+        study.optimize(_quadratic, n_trials=500)
     lag = [w for w in seen if "trials end faster" in str(w.message)]
     assert len(lag) == 1
     assert "runs/s" in str(lag[0].message) and "mlflow server" in str(lag[0].message)
     runs = study.child_runs()
-    assert sorted(int(n) for n in runs["tags.optuna.trial_number"]) == list(range(250))
+    assert sorted(int(n) for n in runs["tags.optuna.trial_number"]) == list(range(500))
     assert set(runs["status"]) == {"FINISHED"}
 
 
@@ -495,6 +497,7 @@ def test_a_sqlite_uri_with_a_query_names_its_file_without_the_query(
     assert not [p.name for p in tmp_path.iterdir() if "?" in p.name]
 
 
+@pytest.mark.slow  # 3-5 s each: the default suite under 5 min on 2 cores
 @pytest.mark.parametrize(("when", "n_jobs"), [("mid-search", 1), ("mid-search", 2),
                                               ("after the last hand-off", 1),
                                               ("stopped early", 1)])
