@@ -274,16 +274,15 @@ def _lost_job(error: BaseException) -> bool:
             and type(error).__module__.startswith("submitit"))
 
 
-def _budget_left(study: NestedStudy, queued: set[int]) -> int:
-    """How many trials of the budget (numbers ``queued``) are not finished."""
-    unfinished = (TrialState.WAITING, TrialState.RUNNING)
-    return sum(t.number in queued for t in study.get_trials(deepcopy=False, states=unfinished))
+def _budget_left(study: NestedStudy, queued: set[int],
+                 states: tuple[TrialState, ...] = (TrialState.WAITING, TrialState.RUNNING)) -> int:
+    """How many trials of the budget (numbers ``queued``) are in ``states`` (unfinished)."""
+    return sum(t.number in queued for t in study.get_trials(deepcopy=False, states=states))
 
 
 def _with_budget_left(study: NestedStudy, error: BaseException, queued: set[int]) -> BaseException:
     """A broken engine (a pool whose worker was killed) says what is left of the budget."""
-    left = sum(t.number in queued
-               for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    left = _budget_left(study, queued, (TrialState.WAITING,))
     if not left:
         return error
     advice = (f"{left} trial(s) of the budget are still queued in study {study.study_name!r}: "
