@@ -4,8 +4,8 @@ run, and the storage the workers are given."""
 from __future__ import annotations
 
 import concurrent.futures
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-import pickle
 from typing import Any
 
 import optuna
@@ -16,7 +16,7 @@ from optuna_mlflow_nested.tracking.clients import sqlite_path
 
 
 def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jobs: Any,
-                        executor: Any, n_workers: Any) -> int | None:
+                        executor: Any, n_workers: Any, callbacks: Any = None) -> int | None:
     """Check ``optimize``'s arguments before anything runs (the parent run included).
 
     Returns:
@@ -24,8 +24,9 @@ def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jo
 
     Raises:
         TypeError, ValueError: naming the bad argument: with ``executor``, also a
-            storage or tracking URI the workers cannot share, an objective that cannot
-            be pickled, no ``n_trials``, or a worker count that cannot be known.
+            storage or tracking URI the workers cannot share, an objective, callback,
+            sampler or pruner that cannot be pickled (they travel to the workers), no
+            ``n_trials``, or a worker count that cannot be known.
     """
     _check_common(func, n_trials, timeout, n_jobs)
     if executor is None:
@@ -37,7 +38,11 @@ def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jo
     if n_trials == 0:  # nothing runs, as in Optuna
         return n_workers
     _check_shareable(study)
-    _check_picklable(func, executor)
+    _check_picklable(executor, [
+        (f"the objective {_name(func)!r}", func),
+        *((f"callbacks[{i}] {_name(c)!r}", c) for i, c in enumerate(callbacks or ())),
+        (f"the study's sampler {type(study.sampler).__name__}", study.sampler),
+        (f"the study's pruner {type(study.pruner).__name__}", study.pruner)])
     return resolve_workers(executor, n_workers)
 
 
@@ -74,22 +79,29 @@ def _check_shareable(study: Any) -> None:
         raise ValueError("optimize(executor=...) cannot share an in-memory SQLite tracking URI")
 
 
-def _check_picklable(func: Any, executor: Any) -> None:
+def _name(func: Any) -> str:
+    return getattr(func, "__qualname__", type(func).__name__)
+
+
+def _check_picklable(executor: Any, sent: list[tuple[str, Any]]) -> None:
+    """Each ``(what, value)`` of ``sent`` as the executor will pickle it, the first that
+    fails named (before the budget is queued: a failure there failed every task)."""
     if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
         return  # in process
-    name = getattr(func, "__qualname__", type(func).__name__)
-    try:
-        if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
-            pickle.dumps(func)
-        else:
-            import cloudpickle
+    if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+        dumps = ForkingPickler.dumps  # the pool's own pickler
+    else:
+        import cloudpickle
 
-            cloudpickle.dumps(func)
-    except Exception as exc:
-        raise ValueError(
-            f"the objective {name!r} cannot be sent to the executor's workers "
-            f"({type(exc).__name__}: {exc}); define it at module level (process pools pickle "
-            "it by reference) and keep unpicklable state out of it") from None
+        dumps = cloudpickle.dumps
+    for what, value in sent:
+        try:
+            dumps(value)
+        except Exception as exc:
+            raise ValueError(
+                f"{what} cannot be sent to the executor's workers ({type(exc).__name__}: "
+                f"{exc}); define it at module level (process pools pickle functions and "
+                "classes by reference) and keep unpicklable state out of it") from None
 
 
 def resolve_workers(executor: Any, n_workers: int | None) -> int:

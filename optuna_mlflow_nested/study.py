@@ -155,14 +155,14 @@ class NestedStudy(optuna.Study):
                 can be known.
 
         Raises:
-            ValueError: a bad argument; with ``executor``, a storage or tracking URI
-                the workers cannot share, or an objective that cannot be pickled.
+            ValueError: a bad argument; with ``executor``, an in-memory store, or an
+                objective, callback, sampler or pruner that cannot be pickled.
         """
         if getattr(self._omn_local, "optimizing", False):
             # Optuna refuses nested optimize; let it say so without touching our runs.
             return super().optimize(func, n_trials, timeout, n_jobs, catch, callbacks,
                                     gc_after_trial, show_progress_bar)
-        n_workers = check_optimize_args(self, func, n_trials, timeout, n_jobs, executor, n_workers)
+        n_workers = check_optimize_args(self, func, n_trials, timeout, n_jobs, executor, n_workers, callbacks)
         tracking.clients.check_tracking_uri_free(self.tracking_uri)
         if n_jobs != 1 and self.seed is not None and not self._warned_reseed:
             self._warned_reseed = True

@@ -166,6 +166,41 @@ def test_executor_input_errors_leave_a_finished_study_as_it_was(tmp_path: Path,
     assert len(study.trials) == 2
 
 
+def test_what_cannot_reach_the_workers_is_named_before_anything_runs(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # The callbacks, the sampler and the pruner travel to the workers with the
+    # objective: one that cannot be pickled used to fail every task after the budget
+    # was queued (its trials left WAITING) and the parent run was ended FAILED.
+    class LocalSampler(optuna.samplers.RandomSampler):  # classes pickle cannot find
+        pass
+
+    class LocalPruner(optuna.pruners.NopPruner):
+        pass
+
+    cases = [
+        (make_study(tmp_path, "callback", tracking_uri), {"callbacks": [lambda s, t: None]},
+         r"callbacks\[0\] 'test_what_cannot_reach.*<lambda>'"),
+        (omn.create_study("sampler", storage=f"sqlite:///{tmp_path / 'sampler.db'}",
+                          tracking_uri=tracking_uri, sampler=LocalSampler(seed=0)), {},
+         "sampler LocalSampler"),
+        (omn.create_study("pruner", storage=f"sqlite:///{tmp_path / 'pruner.db'}",
+                          tracking_uri=tracking_uri, pruner=LocalPruner()), {},
+         "pruner LocalPruner"),
+    ]
+    client = MlflowClient(tracking_uri)
+    with ProcessPoolExecutor(1) as pool:
+        for study, kwargs, named in cases:
+            study.optimize(quadratic, n_trials=1)  # a finished study, its parent FINISHED
+            assert study.wait_for_figures(timeout=120)
+            before = client.get_run(study.parent_run_id)
+            with pytest.raises(ValueError, match=named):
+                study.optimize(quadratic, n_trials=3, executor=pool, **kwargs)
+            after = client.get_run(study.parent_run_id)
+            assert after.info.status == "FINISHED"
+            assert (after.info.end_time, after.data.tags) == (before.info.end_time, before.data.tags)
+            assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+
+
 def test_a_relative_sqlite_storage_reaches_workers_started_in_another_folder(
         tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A Dask worker or a submitit job starts in its own folder: a relative

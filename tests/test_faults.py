@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 
@@ -388,6 +389,54 @@ def test_reconcile_beside_a_live_trial_keeps_its_run(tmp_path: Path, tracking_ur
     study.tell(trial, x)
     run = MlflowClient(tracking_uri).get_run(run_id)
     assert run.info.lifecycle_stage == "active"
+    assert run.info.status == "FINISHED" and run.data.params == {"x": str(x)}
+
+
+def test_reconcile_racing_the_trials_own_writer_mends_quietly(tmp_path: Path,
+                                                               tracking_uri: str) -> None:
+    # Seen with 8 worker processes on one SQLite tracking file: a worker's end-of-search
+    # reconcile wrote the run of another worker's trial just told, while that worker's
+    # writer wrote it too. MLflow checks a run's params, then inserts them: the two
+    # interleaved, and the reconcile failed with an IntegrityError ("UNIQUE constraint
+    # failed: params.key, params.run_uuid", SQL on stderr in a "could not update the
+    # parent run" warning), and the steps after it (the parent's figures and status)
+    # were skipped. The interleaving is made
+    # here with SQLAlchemy's public event hook: just before the reconcile's INSERT INTO
+    # params runs, the owner's delivery of the same run is made and finished.
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from optuna_mlflow_nested.tracking.delivery import deliver
+    from optuna_mlflow_nested.tracking.records import trial_record
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    owner = omn.create_study("race", storage=storage, tracking_uri=tracking_uri)
+    trial = owner.ask()
+    x = trial.suggest_float("x", 0, 1)
+    run_id = owner.child_run_id(trial.number)
+    optuna.load_study(study_name="race", storage=storage).tell(trial.number, x)  # not yet written
+    told = optuna.load_study(study_name="race", storage=storage).trials[0]
+    record = trial_record(owner, told, tracking_uri=tracking_uri, experiment_id=owner.experiment_id,
+                          parent_run_id=owner.parent_run_id, run_id=run_id)
+    raced = threading.Event()
+
+    def owner_writes_first(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.startswith("INSERT INTO params") and not raced.is_set():
+            raced.set()
+            writer = threading.Thread(target=deliver, args=(MlflowClient(tracking_uri), record))
+            writer.start()
+            writer.join()
+
+    other = omn.load_study("race", storage, tracking_uri=tracking_uri)
+    event.listen(Engine, "before_cursor_execute", owner_writes_first)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            other.reconcile()
+    finally:
+        event.remove(Engine, "before_cursor_execute", owner_writes_first)
+    assert raced.is_set()
+    run = MlflowClient(tracking_uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"x": str(x)}
 
 

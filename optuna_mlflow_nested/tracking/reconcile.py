@@ -8,6 +8,7 @@ import time
 import warnings
 
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import optuna
@@ -18,8 +19,10 @@ from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested.tracking.clients import set_run_status
 from optuna_mlflow_nested.tracking.delivery import deliver
 from optuna_mlflow_nested.tracking.delivery import equals_clause
+from optuna_mlflow_nested.tracking.delivery import is_retryable
 from optuna_mlflow_nested.tracking.delivery import search_equal
 from optuna_mlflow_nested.tracking.records import TRIAL_NUMBER_TAG
+from optuna_mlflow_nested.tracking.records import RunRecord
 from optuna_mlflow_nested.tracking.records import trial_record
 from optuna_mlflow_nested.tracking.run_pool import PENDING_RUN_NAME
 
@@ -70,10 +73,9 @@ def reconcile_study(
     for run in running:
         trial = trial_of_run.get(run.info.run_id)
         if trial is not None:
-            deliver(client, trial_record(study, trial, tracking_uri=tracking_uri,
-                                         experiment_id=experiment_id, parent_run_id=parent_run_id,
-                                         run_id=run.info.run_id, metric_name=metric_name))
-            mended += 1
+            mended += _deliver_beside_its_writer(client, trial_record(
+                study, trial, tracking_uri=tracking_uri, experiment_id=experiment_id,
+                parent_run_id=parent_run_id, run_id=run.info.run_id, metric_name=metric_name))
         elif (run.info.run_name == PENDING_RUN_NAME and run.info.run_id not in in_use
               and now_ms - run.info.start_time > orphan_age * 1000):
             set_run_status(client, run.info.run_id, "KILLED")  # deleted runs must not stay RUNNING
@@ -90,6 +92,27 @@ def reconcile_study(
                     remember(trial.number, run_id)
                 mended += 1
     return mended
+
+
+def _deliver_beside_its_writer(client: MlflowClient, record: RunRecord) -> int:
+    """Deliver the record of a finished trial whose run is RUNNING; 1 if this wrote it.
+
+    The trial's own writer (another live process) may be writing the same run at the
+    same moment: the values are the same, but MLflow checks a run's params and then
+    inserts them, so the second insert of the two can fail (an IntegrityError, SQLite's
+    "UNIQUE constraint failed"). Then the run is read again: ended, it is the writer's;
+    else the delivery is made again (it is idempotent, and now finds the params).
+    """
+    try:
+        deliver(client, record)
+        return 1
+    except MlflowException as exc:
+        if not is_retryable(exc) or record.run_id is None:
+            raise
+        if client.get_run(record.run_id).info.status != "RUNNING":
+            return 0
+    deliver(client, record)
+    return 1
 
 
 def mend_after_lost_writer(study: optuna.Study) -> None:
