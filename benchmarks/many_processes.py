@@ -1,21 +1,28 @@
 """Many worker processes on one machine, one study, one SQLite tracking file: what the
-tracking prints on stderr, and the tree it leaves.
+tracking prints on stderr, the tree it leaves, and the trials/s.
 
-Each round makes a fresh study (a journal storage file and a SQLite tracking file in a
-temporary folder), then starts ``--workers`` Python processes at once, each loading the
-study and running ``--trials`` trials with its own writer process (the default), as the
-hand-started workers of README's recipes do. The objective suggests two params and
-computes ``--units`` eigenvalue problems of a 60x60 matrix (0: it returns at once,
-the most writes per second). Counted per round: the workers' stderr lines that hold
-"Warning", "IntegrityError" or "Traceback"; then the child runs, trial numbers with
-more than one run, finished trials with none, runs not FINISHED, the parent run's
-status; and trials/s from the
-first trial's start to the last one's end. With ``--also PATH``, each round also runs
+Each configuration makes a fresh study (a journal storage file and a SQLite tracking file
+in a temporary folder), then starts its worker processes at once, each loading the study
+and running its trials, as the hand-started workers of README's recipes do. The
+objective suggests two params and computes ``--units`` eigenvalue problems of a 60x60
+matrix with one BLAS thread (0: it returns at once, the most writes per second; about
+450 make 0.1 s here). Counted per configuration: the workers' stderr lines that hold
+"Warning", "IntegrityError" or "Traceback"; then the child runs, trial numbers with more
+than one run, finished trials with none, runs not FINISHED, the parent run's status; and
+trials/s from the first trial's start to the last one's end.
+
+``--workers`` and ``--writers`` take comma-separated lists and every combination runs
+in every round (in reverse order every other round): ``auto`` is the library's default
+(a writer process in each worker process), ``process`` and ``threads`` set
+``OMN_WRITER``, and ``bare`` runs plain Optuna without tracking, for reference. With
+``--total N`` each worker runs its share of N trials (for a speedup of more workers
+against one); else each runs ``--trials``. With ``--also PATH``, each round also runs
 the package of another checkout (``PATH`` first on ``PYTHONPATH``), to compare two
-versions side by side.
+versions side by side. At the end: medians over the rounds per configuration, and each
+configuration's speedup against the same package and writer with the fewest workers.
 
-    python benchmarks/many_processes.py [--workers 8] [--trials 40] [--units 0]
-        [--repeats 3] [--also /path/to/other/checkout]
+    python benchmarks/many_processes.py [--workers 8] [--writers auto] [--trials 40 | --total N]
+        [--units 0] [--repeats 3] [--also /path/to/other/checkout]
 """
 
 from __future__ import annotations
@@ -23,19 +30,20 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 WORKER = """
 import sys
 import numpy as np
 import optuna
-import optuna_mlflow_nested as omn
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-units = int(sys.argv[2])
+trials, units, bare = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "bare"
 matrix = np.random.default_rng(0).random((60, 60))
 
 def objective(trial):
@@ -46,27 +54,39 @@ def objective(trial):
     return x + y
 
 storage = JournalStorage(JournalFileBackend("journal.log"))
-study = omn.create_study("many", storage=storage, tracking_uri="sqlite:///mlflow.db",
-                         sampler="random", load_if_exists=True)
-if int(sys.argv[1]):
-    study.optimize(objective, n_trials=int(sys.argv[1]))
-print(omn.__file__)
+sampler = optuna.samplers.RandomSampler()
+if bare:
+    study = optuna.create_study(study_name="many", storage=storage, sampler=sampler,
+                                load_if_exists=True)
+    print(optuna.__file__)
+else:
+    import optuna_mlflow_nested as omn
+    study = omn.create_study("many", storage=storage, tracking_uri="sqlite:///mlflow.db",
+                             sampler=sampler, load_if_exists=True)
+    print(omn.__file__)
+if trials:
+    study.optimize(objective, n_trials=trials)
 """
 
 
-def one_round(workers: int, trials: int, units: int, checkout: str | None) -> dict[str, object]:
+def one_run(workers: int, trials: int, units: int, writer: str,
+            checkout: str | None) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    env.pop("OMN_WRITER", None)
+    if writer in ("process", "threads"):
+        env["OMN_WRITER"] = writer
     if checkout:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as folder:
         def start(n: int) -> subprocess.Popen[str]:
-            return subprocess.Popen([sys.executable, "-c", WORKER, str(n), str(units)], cwd=folder,
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            return subprocess.Popen([sys.executable, "-c", WORKER, str(n), str(units), writer],
+                                    cwd=folder, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
 
         made = start(0)  # the study and the tracking file, once
         package, err = made.communicate()
@@ -81,50 +101,79 @@ def one_round(workers: int, trials: int, units: int, checkout: str | None) -> di
             stderr += err.splitlines()
         study = optuna.load_study(study_name="many", storage=JournalStorage(
             JournalFileBackend(os.path.join(folder, "journal.log"))))
-        client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
-        experiment = client.get_experiment_by_name("many")
-        runs = client.search_runs([experiment.experiment_id], "tags.`optuna.role` = 'trial'",
-                                  max_results=50_000)
-        per_trial = collections.Counter(r.data.tags.get("optuna.trial_number") for r in runs)
         finished = [t for t in study.trials if t.state.is_finished()]
         span = (max(t.datetime_complete for t in finished)
                 - min(t.datetime_start for t in finished)).total_seconds()
-        return {
-            "package": os.path.dirname(package.strip()),
+        row: dict[str, Any] = {
+            "package": "" if writer == "bare" else os.path.dirname(package.strip()),
+            "writer": writer, "workers": workers,
             "warning lines": sum("Warning" in line for line in stderr),
             "IntegrityError lines": sum("IntegrityError" in line for line in stderr),
             "Traceback lines": sum("Traceback" in line for line in stderr),
             "trials": len(finished),
-            "child runs": len(runs),
-            "duplicated": sum(n > 1 for n in per_trial.values()),
-            "without a run": sum(str(t.number) not in per_trial for t in finished),
-            "not FINISHED": sum(r.info.status != "FINISHED" for r in runs),
-            "parent": client.search_runs([experiment.experiment_id],
-                                         "tags.`optuna.role` = 'study'")[0].info.status,
-            "trials/s": round(len(finished) / span, 1),
         }
+        if writer != "bare":
+            client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+            experiment = client.get_experiment_by_name("many")
+            runs = client.search_runs([experiment.experiment_id], "tags.`optuna.role` = 'trial'",
+                                      max_results=50_000)
+            per_trial = collections.Counter(r.data.tags.get("optuna.trial_number") for r in runs)
+            row.update({
+                "child runs": len(runs),
+                "duplicated": sum(n > 1 for n in per_trial.values()),
+                "without a run": sum(str(t.number) not in per_trial for t in finished),
+                "not FINISHED": sum(r.info.status != "FINISHED" for r in runs),
+                "parent": client.search_runs([experiment.experiment_id],
+                                             "tags.`optuna.role` = 'study'")[0].info.status,
+            })
+        row["trials/s"] = round(len(finished) / span, 2)
+        return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--workers", default="8", help="worker processes, e.g. 1,2")
+    parser.add_argument("--writers", default="auto", help="auto, process, threads, bare")
     parser.add_argument("--trials", type=int, default=40, help="per worker")
+    parser.add_argument("--total", type=int, help="trials in all, shared by the workers")
     parser.add_argument("--units", type=int, default=0, help="eigvalsh(60x60) per trial")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--also", metavar="PATH", help="another checkout to run beside this one")
     args = parser.parse_args()
+    worker_counts = [int(n) for n in args.workers.split(",")]
+    writers = args.writers.split(",")
+    unknown = set(writers) - {"auto", "process", "threads", "bare"}
+    if unknown:
+        parser.error(f"unknown --writers {sorted(unknown)}")
     checkouts = [None, args.also] if args.also else [None]
+    configs = [(c, w, n) for c in checkouts for w in writers for n in worker_counts
+               if not (w == "bare" and c is not None)]  # bare Optuna: once
     rows = []
     for repeat in range(args.repeats):
-        for checkout in checkouts if repeat % 2 == 0 else checkouts[::-1]:
-            row = {"round": repeat + 1, **one_round(args.workers, args.trials, args.units, checkout)}
+        for checkout, writer, workers in configs if repeat % 2 == 0 else configs[::-1]:
+            trials = args.total // workers if args.total else args.trials
+            row = {"round": repeat + 1,
+                   **one_run(workers, trials, args.units, writer, checkout)}
             print(row, flush=True)
             rows.append(row)
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     print("\n| " + " | ".join(keys) + " |")
     print("|" + " --- |" * len(keys))
-    for row in sorted(rows, key=lambda r: (str(r["package"]), r["round"])):
-        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+    order = sorted(rows, key=lambda r: (r["package"], r["writer"], r["workers"], r["round"]))
+    for row in order:
+        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    medians: dict[tuple[str, str, int], float] = {}
+    for row in order:
+        medians.setdefault((row["package"], row["writer"], row["workers"]), statistics.median(
+            r["trials/s"] for r in rows
+            if (r["package"], r["writer"], r["workers"]) == (row["package"], row["writer"],
+                                                              row["workers"])))
+    print(f"\nMedians of {args.repeats} rounds:\n")
+    print("| package | writer | workers | trials/s | speedup over the fewest workers |")
+    print("| --- | --- | --- | --- | --- |")
+    for (package, writer, workers), rate in medians.items():
+        base = medians[package, writer, min(worker_counts)]
+        print(f"| {package} | {writer} | {workers} | {rate:.2f} | {rate / base:.2f}x |")
 
 
 if __name__ == "__main__":
