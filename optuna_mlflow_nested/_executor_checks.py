@@ -16,7 +16,8 @@ from optuna_mlflow_nested.tracking.clients import sqlite_path
 
 
 def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jobs: Any,
-                        executor: Any, n_workers: Any, callbacks: Any = None) -> int | None:
+                        executor: Any, n_workers: Any, callbacks: Any = (),
+                        catch: Any = ()) -> int | None:
     """Check ``optimize``'s arguments before anything runs (the parent run included).
 
     Returns:
@@ -25,8 +26,8 @@ def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jo
     Raises:
         TypeError, ValueError: naming the bad argument: with ``executor``, also a
             storage or tracking URI the workers cannot share, an objective, callback,
-            sampler or pruner that cannot be pickled (they travel to the workers), no
-            ``n_trials``, or a worker count that cannot be known.
+            sampler, pruner or ``catch`` exception class that cannot be pickled (they
+            travel to the workers), no ``n_trials``, or a worker count that cannot be known.
     """
     _check_common(func, n_trials, timeout, n_jobs)
     if executor is None:
@@ -40,7 +41,8 @@ def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jo
     _check_shareable(study)
     _check_picklable(executor, [
         (f"the objective {_name(func)!r}", func),
-        *((f"callbacks[{i}] {_name(c)!r}", c) for i, c in enumerate(callbacks or ())),
+        *((f"callbacks[{i}] {_name(c)!r}", c) for i, c in enumerate(callbacks)),
+        *((f"catch[{i}] {_name(c)!r}", c) for i, c in enumerate(catch)),
         (f"the study's sampler {type(study.sampler).__name__}", study.sampler),
         (f"the study's pruner {type(study.pruner).__name__}", study.pruner)])
     return resolve_workers(executor, n_workers)

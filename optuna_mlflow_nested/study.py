@@ -156,24 +156,24 @@ class NestedStudy(optuna.Study):
 
         Raises:
             ValueError: a bad argument; with ``executor``, an in-memory store, or an
-                objective, callback, sampler or pruner that cannot be pickled.
+                objective, callback, sampler, pruner or ``catch`` that cannot be pickled.
         """
         if getattr(self._omn_local, "optimizing", False):
             # Optuna refuses nested optimize; let it say so without touching our runs.
             return super().optimize(func, n_trials, timeout, n_jobs, catch, callbacks,
                                     gc_after_trial, show_progress_bar)
-        n_workers = check_optimize_args(self, func, n_trials, timeout, n_jobs, executor, n_workers, callbacks)
+        catch = tuple(catch) if isinstance(catch, Iterable) else (catch,)
+        callbacks = list(callbacks or [])  # checked, then used: a generator would be spent
+        n_workers = check_optimize_args(self, func, n_trials, timeout, n_jobs, executor, n_workers,
+                                        callbacks, catch)
         tracking.clients.check_tracking_uri_free(self.tracking_uri)
         if n_jobs != 1 and self.seed is not None and not self._warned_reseed:
             self._warned_reseed = True
             warnings.warn(
                 f"n_jobs={n_jobs}: Optuna reseeds the sampler for parallel trials, so the seed "
                 "does not make this search reproducible; use n_jobs=1 for bit-identical runs.",
-                UserWarning,
-                stacklevel=2,
-            )
+                UserWarning, stacklevel=2)
         worker = self._worker_session is not None  # a task of an executor optimize
-        catch = tuple(catch) if isinstance(catch, Iterable) else (catch,)
         ending = None
         if not worker:
             parent_run.start_search(self, n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
@@ -184,7 +184,7 @@ class NestedStudy(optuna.Study):
             if executor is not None:
                 optimize_with_executor(
                     self, func, n_trials=n_trials, timeout=timeout, catch=catch,
-                    callbacks=list(callbacks or []), gc_after_trial=gc_after_trial,
+                    callbacks=callbacks, gc_after_trial=gc_after_trial,
                     show_progress_bar=show_progress_bar, executor=executor, n_workers=n_workers)
             else:
                 self._optimize_here(func, n_trials, timeout, n_jobs, catch, callbacks,

@@ -177,6 +177,9 @@ def test_what_cannot_reach_the_workers_is_named_before_anything_runs(
     class LocalPruner(optuna.pruners.NopPruner):
         pass
 
+    class LocalError(Exception):
+        pass
+
     cases = [
         (make_study(tmp_path, "callback", tracking_uri), {"callbacks": [lambda s, t: None]},
          r"callbacks\[0\] 'test_what_cannot_reach.*<lambda>'"),
@@ -186,6 +189,9 @@ def test_what_cannot_reach_the_workers_is_named_before_anything_runs(
         (omn.create_study("pruner", storage=f"sqlite:///{tmp_path / 'pruner.db'}",
                           tracking_uri=tracking_uri, pruner=LocalPruner()), {},
          "pruner LocalPruner"),
+        (omn.create_study("catch", storage=f"sqlite:///{tmp_path / 'catch.db'}",
+                          tracking_uri=tracking_uri), {"catch": (LocalError,)},
+         r"catch\[0\] 'test_what_cannot_reach.*LocalError'"),
     ]
     client = MlflowClient(tracking_uri)
     with ProcessPoolExecutor(1) as pool:
@@ -199,6 +205,21 @@ def test_what_cannot_reach_the_workers_is_named_before_anything_runs(
             assert after.info.status == "FINISHED"
             assert (after.info.end_time, after.data.tags) == (before.info.end_time, before.data.tags)
             assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+
+
+def mark_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    study.set_user_attr(f"called-{trial.number}", True)
+
+
+def test_callbacks_given_as_a_generator_reach_the_workers(tmp_path: Path,
+                                                          tracking_uri: str) -> None:
+    # Optuna takes any iterable of callbacks: the pickling check must not spend it.
+    study = make_study(tmp_path, "generator", tracking_uri)
+    with ProcessPoolExecutor(2) as pool:
+        study.optimize(quadratic, n_trials=4, executor=pool,
+                       callbacks=(callback for callback in [mark_trial]))
+    assert_tree(study, 4)
+    assert sorted(study.user_attrs) == [f"called-{n}" for n in range(4)]
 
 
 def test_a_relative_sqlite_storage_reaches_workers_started_in_another_folder(

@@ -392,17 +392,19 @@ def test_reconcile_beside_a_live_trial_keeps_its_run(tmp_path: Path, tracking_ur
     assert run.info.status == "FINISHED" and run.data.params == {"x": str(x)}
 
 
-def test_reconcile_racing_the_trials_own_writer_mends_quietly(tmp_path: Path,
-                                                               tracking_uri: str) -> None:
+@pytest.mark.parametrize("owner_ends_it", [True, False])
+def test_reconcile_racing_the_trials_own_writer_mends_quietly(
+        tmp_path: Path, tracking_uri: str, owner_ends_it: bool) -> None:
     # Seen with 8 worker processes on one SQLite tracking file: a worker's end-of-search
     # reconcile wrote the run of another worker's trial just told, while that worker's
     # writer wrote it too. MLflow checks a run's params, then inserts them: the two
     # interleaved, and the reconcile failed with an IntegrityError ("UNIQUE constraint
     # failed: params.key, params.run_uuid", SQL on stderr in a "could not update the
     # parent run" warning), and the steps after it (the parent's figures and status)
-    # were skipped. The interleaving is made
-    # here with SQLAlchemy's public event hook: just before the reconcile's INSERT INTO
-    # params runs, the owner's delivery of the same run is made and finished.
+    # were skipped. The interleaving is made here with SQLAlchemy's public event hook:
+    # just before the reconcile's INSERT INTO params runs, the owner writes the run's
+    # params, and (owner_ends_it) the rest of the run, which it ends; else the run stays
+    # RUNNING (the owner is still writing) and the reconcile writes it again.
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
@@ -418,12 +420,24 @@ def test_reconcile_racing_the_trials_own_writer_mends_quietly(tmp_path: Path,
     told = optuna.load_study(study_name="race", storage=storage).trials[0]
     record = trial_record(owner, told, tracking_uri=tracking_uri, experiment_id=owner.experiment_id,
                           parent_run_id=owner.parent_run_id, run_id=run_id)
-    raced = threading.Event()
+    raced: list[BaseException | None] = []
+    started = threading.Event()
+
+    def owner_writes(client: MlflowClient) -> None:
+        try:
+            if owner_ends_it:
+                deliver(client, record)
+            else:
+                client.log_batch(run_id, params=[mlflow.entities.Param("x", str(x))])
+            raced.append(None)
+        except BaseException as exc:  # asserted below
+            raced.append(exc)
 
     def owner_writes_first(conn, cursor, statement, parameters, context, executemany) -> None:
-        if statement.startswith("INSERT INTO params") and not raced.is_set():
-            raced.set()
-            writer = threading.Thread(target=deliver, args=(MlflowClient(tracking_uri), record))
+        if (statement.startswith("INSERT INTO params") and run_id in str(parameters)
+                and not started.is_set()):  # (the owner's own insert comes here too)
+            started.set()
+            writer = threading.Thread(target=owner_writes, args=(MlflowClient(tracking_uri),))
             writer.start()
             writer.join()
 
@@ -432,12 +446,14 @@ def test_reconcile_racing_the_trials_own_writer_mends_quietly(tmp_path: Path,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            other.reconcile()
+            written = other.reconcile()
     finally:
         event.remove(Engine, "before_cursor_execute", owner_writes_first)
-    assert raced.is_set()
+    assert raced == [None]  # the owner wrote first, unhindered
+    assert written == (0 if owner_ends_it else 1)  # left to the owner, or written again
     run = MlflowClient(tracking_uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params == {"x": str(x)}
+    assert run.data.metrics["value"] == x
 
 
 def test_a_spare_run_a_sync_deleted_is_restored_for_the_trial_that_takes_it(

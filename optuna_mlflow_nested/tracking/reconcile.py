@@ -75,7 +75,8 @@ def reconcile_study(
         if trial is not None:
             mended += _deliver_beside_its_writer(client, trial_record(
                 study, trial, tracking_uri=tracking_uri, experiment_id=experiment_id,
-                parent_run_id=parent_run_id, run_id=run.info.run_id, metric_name=metric_name))
+                parent_run_id=parent_run_id, run_id=run.info.run_id, metric_name=metric_name),
+                run.info.run_id)
         elif (run.info.run_name == PENDING_RUN_NAME and run.info.run_id not in in_use
               and now_ms - run.info.start_time > orphan_age * 1000):
             set_run_status(client, run.info.run_id, "KILLED")  # deleted runs must not stay RUNNING
@@ -94,25 +95,28 @@ def reconcile_study(
     return mended
 
 
-def _deliver_beside_its_writer(client: MlflowClient, record: RunRecord) -> int:
-    """Deliver the record of a finished trial whose run is RUNNING; 1 if this wrote it.
+def _deliver_beside_its_writer(client: MlflowClient, record: RunRecord, run_id: str,
+                               attempts: int = 3) -> int:
+    """Deliver the record of a finished trial whose run ``run_id`` is RUNNING; 1 if this
+    wrote it, 0 if the trial's own writer ended it meanwhile.
 
-    The trial's own writer (another live process) may be writing the same run at the
-    same moment: the values are the same, but MLflow checks a run's params and then
+    That writer (another live process) may be writing the same run at the same moment:
+    the values are the same, but MLflow checks a run's params (and datasets) and then
     inserts them, so the second insert of the two can fail (an IntegrityError, SQLite's
-    "UNIQUE constraint failed"). Then the run is read again: ended, it is the writer's;
-    else the delivery is made again (it is idempotent, and now finds the params).
+    "UNIQUE constraint failed"). After any retryable store error the run is read again:
+    ended, it is the writer's; else the delivery (idempotent) is made again, at most
+    ``attempts`` times in all.
     """
-    try:
-        deliver(client, record)
-        return 1
-    except MlflowException as exc:
-        if not is_retryable(exc) or record.run_id is None:
-            raise
-        if client.get_run(record.run_id).info.status != "RUNNING":
-            return 0
-    deliver(client, record)
-    return 1
+    for attempt in range(attempts):
+        try:
+            deliver(client, record)
+            return 1
+        except MlflowException as exc:
+            if not is_retryable(exc) or attempt == attempts - 1:
+                raise
+            if client.get_run(run_id).info.status != "RUNNING":
+                return 0
+    return 0  # (not reached: the last attempt returns or raises)
 
 
 def mend_after_lost_writer(study: optuna.Study) -> None:
