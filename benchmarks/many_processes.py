@@ -83,22 +83,28 @@ def one_run(workers: int, trials: int, units: int, writer: str,
     if checkout:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as folder:
-        def start(n: int) -> subprocess.Popen[str]:
-            return subprocess.Popen([sys.executable, "-c", WORKER, str(n), str(units), writer],
-                                    cwd=folder, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-
-        made = start(0)  # the study and the tracking file, once
-        package, err = made.communicate()
+        made = subprocess.run([sys.executable, "-c", WORKER, "0", str(units), writer], cwd=folder,
+                              env=env, capture_output=True, text=True)  # the study, once
         if made.returncode:
-            raise RuntimeError(err[-3000:])
-        procs = [start(trials) for _ in range(workers)]
+            raise RuntimeError(made.stderr[-3000:])
+        package = made.stdout
+        # Each worker's stderr to a file: a pipe read one worker after another could fill
+        # up and stall the others.
+        logs = [os.path.join(folder, f"stderr-{i}.txt") for i in range(workers)]
+        procs = []
+        for log in logs:
+            with open(log, "w") as err:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-c", WORKER, str(trials), str(units), writer], cwd=folder,
+                    env=env, stdout=subprocess.DEVNULL, stderr=err))
         stderr = []
-        for proc in procs:
-            _, err = proc.communicate()
+        for proc, log in zip(procs, logs):
+            proc.wait()
+            with open(log) as err:
+                text = err.read()
             if proc.returncode:
-                raise RuntimeError(err[-3000:])
-            stderr += err.splitlines()
+                raise RuntimeError(text[-3000:])
+            stderr += text.splitlines()
         study = optuna.load_study(study_name="many", storage=JournalStorage(
             JournalFileBackend(os.path.join(folder, "journal.log"))))
         finished = [t for t in study.trials if t.state.is_finished()]
@@ -162,12 +168,10 @@ def main() -> None:
     order = sorted(rows, key=lambda r: (r["package"], r["writer"], r["workers"], r["round"]))
     for row in order:
         print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
-    medians: dict[tuple[str, str, int], float] = {}
+    rates: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
     for row in order:
-        medians.setdefault((row["package"], row["writer"], row["workers"]), statistics.median(
-            r["trials/s"] for r in rows
-            if (r["package"], r["writer"], r["workers"]) == (row["package"], row["writer"],
-                                                              row["workers"])))
+        rates[row["package"], row["writer"], row["workers"]].append(row["trials/s"])
+    medians = {config: statistics.median(values) for config, values in rates.items()}
     print(f"\nMedians of {args.repeats} rounds:\n")
     print("| package | writer | workers | trials/s | speedup over the fewest workers |")
     print("| --- | --- | --- | --- | --- |")

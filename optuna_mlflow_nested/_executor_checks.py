@@ -16,8 +16,8 @@ from optuna_mlflow_nested.tracking.clients import sqlite_path
 
 
 def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jobs: Any,
-                        executor: Any, n_workers: Any, callbacks: Any = (),
-                        catch: Any = ()) -> int | None:
+                        executor: Any, n_workers: Any, callbacks: list[Any],
+                        catch: tuple[Any, ...]) -> int | None:
     """Check ``optimize``'s arguments before anything runs (the parent run included).
 
     Returns:

@@ -107,16 +107,17 @@ def _deliver_beside_its_writer(client: MlflowClient, record: RunRecord, run_id: 
     ended, it is the writer's; else the delivery (idempotent) is made again, at most
     ``attempts`` times in all.
     """
-    for attempt in range(attempts):
+    for _ in range(attempts - 1):
         try:
             deliver(client, record)
             return 1
         except MlflowException as exc:
-            if not is_retryable(exc) or attempt == attempts - 1:
+            if not is_retryable(exc):
                 raise
             if client.get_run(run_id).info.status != "RUNNING":
                 return 0
-    return 0  # (not reached: the last attempt returns or raises)
+    deliver(client, record)  # the last attempt: its error is raised
+    return 1
 
 
 def mend_after_lost_writer(study: optuna.Study) -> None:
