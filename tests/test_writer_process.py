@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import re
 import signal
 import subprocess
 import sys
@@ -272,6 +273,10 @@ def test_trials_faster_than_the_store_are_named_at_run_time_and_nothing_is_lost(
     lag = [w for w in seen if "trials end faster" in str(w.message)]
     assert len(lag) == 1
     assert "runs/s" in str(lag[0].message) and "mlflow server" in str(lag[0].message)
+    # Both rates measured: the writer process used to report before its first write
+    # ended, as "about 0.0 runs/s".
+    store_rate = re.search(r"the store writes about (\d+\.\d) runs/s", str(lag[0].message))
+    assert store_rate is not None and float(store_rate.group(1)) > 0
     runs = study.child_runs()
     assert sorted(int(n) for n in runs["tags.optuna.trial_number"]) == list(range(500))
     assert set(runs["status"]) == {"FINISHED"}
@@ -291,6 +296,48 @@ def test_a_search_the_store_keeps_up_with_gets_no_rate_warning(
     study = omn.create_study("slow-enough", tracking_uri=tracking_uri, sampler="random", seed=0)
     study.optimize(slower_than_a_write, n_trials=LAG_BACKLOG + 16)
     assert not [w for w in recwarn if "trials end faster" in str(w.message)]
+
+
+
+def test_a_writer_behind_before_its_first_write_names_no_store_rate(
+        tracking_uri: str, tmp_path: Path) -> None:
+    # The rate warning's figures come from the writes done so far. Trials can fall
+    # LAG_BACKLOG behind before the first write ends (an instant objective with the
+    # writer process, or a store locked, as here): the message then said "the store
+    # writes about 0.0 runs/s", a rate never measured.
+    import sqlite3
+
+    from optuna_mlflow_nested.tracking.delivery import RetryPolicy
+    from optuna_mlflow_nested.tracking.records import RunRecord
+    from optuna_mlflow_nested.tracking.spool import Spool
+    from optuna_mlflow_nested.tracking.writer import LAG_BACKLOG
+    from optuna_mlflow_nested.tracking.writer import Writer
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("behind")
+    writer = Writer(client, 1, Spool(tmp_path / "spool.jsonl"), RetryPolicy())
+    holder = sqlite3.connect(tracking_uri.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # the first write waits (busy timeout) for it
+    try:
+        for number in range(LAG_BACKLOG + 1):
+            writer.put(RunRecord(
+                tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=None,
+                study_name="behind", trial_number=number, run_id=None,
+                run_name=f"trial-{number}", status="FINISHED", end_time=int(time.time() * 1000),
+                params={"x": str(number)}))
+        deadline = time.monotonic() + 15  # the store's lock holds out 20 s (busy timeout)
+        while (lag := writer.lag()) is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # SLOW_START_S after the writer's start it reports
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert writer.close(timeout=120)
+    assert lag is not None and lag.backlog >= LAG_BACKLOG
+    message = lag.message(tracking_uri)
+    assert "about 0.0 runs/s" not in message
+    assert "no run written yet" in message and "mlflow server" in message
+    runs = client.search_runs([experiment_id], max_results=1000)
+    assert sorted(int(r.data.params["x"]) for r in runs) == list(range(LAG_BACKLOG + 1))
 
 
 LOCKED_SCRIPT = textwrap.dedent("""

@@ -32,6 +32,11 @@ _logger = logging.getLogger(__name__)
 
 #: Records waiting for the writer beyond which it has fallen behind the trials.
 LAG_BACKLOG = 64
+#: Writes before the store's rate is quoted: one write, the first on a cold connection
+#: (slower), would understate it, and none gives no rate (it once said "0.0 runs/s").
+RATE_SAMPLE = 8
+#: Seconds after the writer's start when a lag is reported even short of RATE_SAMPLE.
+SLOW_START_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,16 +45,20 @@ class Lag:
 
     backlog: int  #: records queued, not yet written
     trials_per_s: float  #: records handed to the writer per second, since it started
-    store_runs_per_s: float  #: runs the store took per second of writing (all threads)
+    #: runs the store took per second of writing (all threads); None before the first
+    store_runs_per_s: float | None
+    since_start_s: float = 0.0  #: seconds since the writer started
 
     def message(self, tracking_uri: str) -> str:
+        store = (f"the store writes about {self.store_runs_per_s:.1f} runs/s"
+                 if self.store_runs_per_s is not None else
+                 f"no run written yet, {self.since_start_s:.1f} s after the writer started")
         return (
             f"trials end faster than the tracking store {redact_uri(tracking_uri)} takes their "
             f"runs: {self.backlog} runs wait to be written, trials end at "
-            f"{self.trials_per_s:.1f}/s and the store writes about {self.store_runs_per_s:.1f} "
-            "runs/s. Nothing is lost (optimize waits for the writes before it returns), but "
-            "above that rate use an `mlflow server` as tracking, or trial_runs=K (only the "
-            "best K trials become runs)")
+            f"{self.trials_per_s:.1f}/s and {store}. Nothing is lost (optimize waits for the "
+            "writes before it returns), but above that rate use an `mlflow server` as "
+            "tracking, or trial_runs=K (only the best K trials become runs)")
 
 
 class Writer:
@@ -89,15 +98,19 @@ class Writer:
         self._queue.put(record)
 
     def lag(self) -> Lag | None:
-        """A :class:`Lag` when ``LAG_BACKLOG`` or more records wait, else ``None``."""
+        """A :class:`Lag` when ``LAG_BACKLOG`` or more records wait, else ``None``; not
+        before ``RATE_SAMPLE`` writes have ended (the store's rate is then measured) unless
+        ``SLOW_START_S`` seconds have passed since the writer started."""
         backlog = self._queue.qsize()
         if backlog < LAG_BACKLOG:
             return None
         with self._lock:
             elapsed = max(time.monotonic() - self._started, 1e-9)
-            per_run = self._busy / self._written if self._written else float("inf")
+            if self._written < RATE_SAMPLE and elapsed < SLOW_START_S:
+                return None
+            store_rate = self._n_threads * self._written / self._busy if self._busy > 0 else None
             return Lag(backlog=backlog, trials_per_s=self._received / elapsed,
-                       store_runs_per_s=self._n_threads / per_run)
+                       store_runs_per_s=store_rate, since_start_s=elapsed)
 
     def write(self, record: RunRecord, lookup: bool = True) -> None:
         """Deliver ``record`` now, in the calling thread (retried, else spooled)."""
