@@ -8,13 +8,20 @@ objective suggests two params and computes ``--units`` eigenvalue problems of a 
 matrix with one BLAS thread (0: it returns at once, the most writes per second; about
 450 make 0.1 s here). Counted per configuration: the workers' stderr lines that hold
 "Warning", "IntegrityError" or "Traceback"; then the child runs, trial numbers with more
-than one run, finished trials with none, runs not FINISHED, the parent run's status; and
-trials/s from the first trial's start to the last one's end.
+than one run, finished trials with none, runs not FINISHED, the parent run's status;
+trials/s from the first trial's start to the last one's end (with instant trials the
+runs may still be waiting for their writers then); trials/s from the first trial's
+start to the last worker's exit (every run written, the end of each search included);
+and the CPU time of the workers and the processes they waited for (their writer
+processes), start-up included, per trial.
 
 ``--workers`` and ``--writers`` take comma-separated lists and every combination runs
 in every round (in reverse order every other round): ``auto`` is the library's default
 (a writer process in each worker process), ``process`` and ``threads`` set
-``OMN_WRITER``, and ``bare`` runs plain Optuna without tracking, for reference. With
+``OMN_WRITER``, ``bare`` runs plain Optuna without tracking, for reference, and
+``floor`` plain Optuna with the store's own cost: a callback that makes each trial's
+run with MLflow's three public calls (create_run, one log_batch with our trial runs'
+params, metrics and tags, set_terminated) on the same SQLite file in WAL mode. With
 ``--total N`` each worker runs its share of N trials (for a speedup of more workers
 against one); else each runs ``--trials``. With ``--also PATH``, each round also runs
 the package of another checkout (``PATH`` first on ``PYTHONPATH``), to compare two
@@ -30,10 +37,12 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 WORKER = """
@@ -43,7 +52,7 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-trials, units, bare = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "bare"
+trials, units, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 matrix = np.random.default_rng(0).random((60, 60))
 
 def objective(trial):
@@ -55,17 +64,45 @@ def objective(trial):
 
 storage = JournalStorage(JournalFileBackend("journal.log"))
 sampler = optuna.samplers.RandomSampler()
-if bare:
+callbacks = []
+if mode in ("bare", "floor"):
     study = optuna.create_study(study_name="many", storage=storage, sampler=sampler,
                                 load_if_exists=True)
     print(optuna.__file__)
-else:
+if mode == "floor":  # MLflow's three public calls per trial, in the objective's process
+    import sqlite3
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient("sqlite:///mlflow.db")
+    if not trials:  # the setup: the experiment, and the file in WAL mode as ours leaves it
+        client.create_experiment("many")
+        sqlite3.connect("mlflow.db").execute("PRAGMA journal_mode=WAL").close()
+    experiment_id = client.get_experiment_by_name("many").experiment_id
+
+    def floor(study, trial):  # the params, metrics and tags of one of our trial runs
+        run = client.create_run(experiment_id, run_name=f"trial-{trial.number}", tags={
+            "optuna.study_name": "many", "optuna.role": "trial"})
+        ms = int(trial.datetime_complete.timestamp() * 1000)
+        tags = {"number": str(trial.number), "datetime_start": str(trial.datetime_start),
+                "datetime_complete": str(trial.datetime_complete),
+                "state": trial.state.name, "direction": "MINIMIZE",
+                "optuna.trial_number": str(trial.number),
+                **{f"{k}_distribution": repr(d) for k, d in trial.distributions.items()}}
+        client.log_batch(run.info.run_id,
+                         metrics=[Metric("value", trial.value, ms, 0),
+                                  Metric("trial_number", trial.number, ms, 0)],
+                         params=[Param(k, str(v)) for k, v in trial.params.items()],
+                         tags=[RunTag(k, v) for k, v in tags.items()])
+        client.set_terminated(run.info.run_id, "FINISHED", ms)
+
+    callbacks = [floor]
+elif mode != "bare":
     import optuna_mlflow_nested as omn
     study = omn.create_study("many", storage=storage, tracking_uri="sqlite:///mlflow.db",
                              sampler=sampler, load_if_exists=True)
     print(omn.__file__)
 if trials:
-    study.optimize(objective, n_trials=trials)
+    study.optimize(objective, n_trials=trials, callbacks=callbacks)
 """
 
 
@@ -92,6 +129,7 @@ def one_run(workers: int, trials: int, units: int, writer: str,
         # up and stall the others.
         logs = [os.path.join(folder, f"stderr-{i}.txt") for i in range(workers)]
         procs = []
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         for log in logs:
             with open(log, "w") as err:
                 procs.append(subprocess.Popen(
@@ -100,6 +138,7 @@ def one_run(workers: int, trials: int, units: int, writer: str,
         stderr = []
         for proc, log in zip(procs, logs):
             proc.wait()
+            last_exit = time.time()  # waited in turn: the last exit when the loop ends
             with open(log) as err:
                 text = err.read()
             if proc.returncode:
@@ -108,17 +147,20 @@ def one_run(workers: int, trials: int, units: int, writer: str,
         study = optuna.load_study(study_name="many", storage=JournalStorage(
             JournalFileBackend(os.path.join(folder, "journal.log"))))
         finished = [t for t in study.trials if t.state.is_finished()]
-        span = (max(t.datetime_complete for t in finished)
-                - min(t.datetime_start for t in finished)).total_seconds()
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+        first_start = min(t.datetime_start for t in finished)
+        span = (max(t.datetime_complete for t in finished) - first_start).total_seconds()
+        to_exit = last_exit - first_start.timestamp()
         row: dict[str, Any] = {
-            "package": "" if writer == "bare" else os.path.dirname(package.strip()),
+            "package": "" if writer in ("bare", "floor") else os.path.dirname(package.strip()),
             "writer": writer, "workers": workers,
             "warning lines": sum("Warning" in line for line in stderr),
             "IntegrityError lines": sum("IntegrityError" in line for line in stderr),
             "Traceback lines": sum("Traceback" in line for line in stderr),
             "trials": len(finished),
         }
-        if writer != "bare":
+        if writer not in ("bare", "floor"):
             client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
             experiment = client.get_experiment_by_name("many")
             runs = client.search_runs([experiment.experiment_id], "tags.`optuna.role` = 'trial'",
@@ -133,13 +175,16 @@ def one_run(workers: int, trials: int, units: int, writer: str,
                                              "tags.`optuna.role` = 'study'")[0].info.status,
             })
         row["trials/s"] = round(len(finished) / span, 2)
+        row["trials/s to the last exit"] = round(len(finished) / to_exit, 2)
+        row["CPU ms/trial"] = round(1000 * cpu / len(finished), 1)
         return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", default="8", help="worker processes, e.g. 1,2")
-    parser.add_argument("--writers", default="auto", help="auto, process, threads, bare")
+    parser.add_argument("--writers", default="auto",
+                        help="auto, process, threads, bare, floor")
     parser.add_argument("--trials", type=int, default=40, help="per worker")
     parser.add_argument("--total", type=int, help="trials in all, shared by the workers")
     parser.add_argument("--units", type=int, default=0, help="eigvalsh(60x60) per trial")
@@ -148,12 +193,12 @@ def main() -> None:
     args = parser.parse_args()
     worker_counts = [int(n) for n in args.workers.split(",")]
     writers = args.writers.split(",")
-    unknown = set(writers) - {"auto", "process", "threads", "bare"}
+    unknown = set(writers) - {"auto", "process", "threads", "bare", "floor"}
     if unknown:
         parser.error(f"unknown --writers {sorted(unknown)}")
     checkouts = [None, args.also] if args.also else [None]
     configs = [(c, w, n) for c in checkouts for w in writers for n in worker_counts
-               if not (w == "bare" and c is not None)]  # bare Optuna: once
+               if not (w in ("bare", "floor") and c is not None)]  # once: no package of ours
     rows = []
     for repeat in range(args.repeats):
         for checkout, writer, workers in configs if repeat % 2 == 0 else configs[::-1]:
@@ -168,16 +213,24 @@ def main() -> None:
     order = sorted(rows, key=lambda r: (r["package"], r["writer"], r["workers"], r["round"]))
     for row in order:
         print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
-    rates: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
+    columns = ["trials/s", "trials/s to the last exit", "CPU ms/trial"]
+    grouped: dict[tuple[str, str, int], list[dict[str, Any]]] = collections.defaultdict(list)
     for row in order:
-        rates[row["package"], row["writer"], row["workers"]].append(row["trials/s"])
-    medians = {config: statistics.median(values) for config, values in rates.items()}
-    print(f"\nMedians of {args.repeats} rounds:\n")
-    print("| package | writer | workers | trials/s | speedup over the fewest workers |")
-    print("| --- | --- | --- | --- | --- |")
-    for (package, writer, workers), rate in medians.items():
+        grouped[row["package"], row["writer"], row["workers"]].append(row)
+    medians = {config: {c: statistics.median(r[c] for r in group) for c in columns}
+               for config, group in grouped.items()}
+    print(f"\nMedians of {args.repeats} rounds (speedups against the same package and "
+          "writer with the fewest workers):\n")
+    print("| package | writer | workers | trials/s | speedup | trials/s to the last exit "
+          "| speedup | CPU ms/trial |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (package, writer, workers), median in medians.items():
         base = medians[package, writer, min(worker_counts)]
-        print(f"| {package} | {writer} | {workers} | {rate:.2f} | {rate / base:.2f}x |")
+        print(f"| {package} | {writer} | {workers} | {median['trials/s']:.2f} "
+              f"| {median['trials/s'] / base['trials/s']:.2f}x "
+              f"| {median['trials/s to the last exit']:.2f} "
+              f"| {median['trials/s to the last exit'] / base['trials/s to the last exit']:.2f}x "
+              f"| {median['CPU ms/trial']:.1f} |")
 
 
 if __name__ == "__main__":
