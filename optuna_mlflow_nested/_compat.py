@@ -22,10 +22,11 @@ from optuna.trial import TrialState
 __all__ = [
     "active_run", "active_run_ids_of_all_threads", "add_trial", "add_waiting_trials",
     "claim_trial", "default_experiment_id", "executor_worker_count", "explicit_tracking_uri",
-    "never_create_sqlite_stores", "open_store", "quiet_retried_store_errors", "rdb_url",
-    "record_first_heartbeat", "retried_store_call", "running_trials_without_heartbeat",
-    "set_trial_system_attr", "stop_heartbeats_left_running", "study_storage",
-    "trial_active_run", "trial_id", "update_run_info",
+    "journal_file", "never_create_sqlite_stores", "open_store", "quiet_retried_store_errors",
+    "rdb_url", "record_first_heartbeat", "retried_store_call",
+    "running_trials_without_heartbeat", "set_trial_system_attr",
+    "stop_heartbeats_left_running", "study_storage", "trial_active_run", "trial_id",
+    "update_run_info",
 ]
 
 
@@ -62,13 +63,10 @@ def retried_store_call() -> Iterator[None]:
 
 
 def quiet_retried_store_errors() -> None:
-    """No traceback on stderr for a store error that this project's writer retries.
-
-    The writer's threads (named ``omn-writer-*``, ``omn-runpool-*``, ``omn-session-*``)
-    retry a failed write with backoff and report one warning only if it finally fails;
-    MLflow's own traceback for each failed attempt is dropped there, and only there:
-    the same error in the user's own MLflow calls is still logged as MLflow logs it.
-    """
+    """No traceback on stderr for a store error that this project's writer retries: its
+    threads (``omn-writer-*``, ``omn-runpool-*``, ``omn-session-*``) retry with backoff and
+    warn once if a write finally fails. The user's own MLflow calls still log as MLflow
+    does."""
     logger = logging.getLogger(_SQL_SESSION_LOGGER)
     if _quiet_filter not in logger.filters:
         logger.addFilter(_quiet_filter)
@@ -157,12 +155,10 @@ def study_storage(study: optuna.Study) -> tuple[optuna.storages.BaseStorage, int
 def record_first_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
     """Record trial ``trial``'s first heartbeat now, if the study's storage keeps them.
 
-    Optuna's ``optimize`` records a trial's first heartbeat only once ``ask`` has
-    returned; a process killed in between leaves a RUNNING trial without a heartbeat,
-    which ``fail_stale_trials`` never fails. ``study.ask`` calls this right after the
-    trial is created (inside ``optimize`` only: an ask/tell trial gets no further
-    heartbeats and would go stale). Optuna has no public way to ask whether heartbeats
-    are on (``is_heartbeat_enabled``) or for a trial's storage id (``_trial_id``).
+    Optuna's ``optimize`` records it only once ``ask`` has returned; a process killed in
+    between leaves a RUNNING trial without one, which ``fail_stale_trials`` never fails.
+    ``study.ask`` calls this inside ``optimize`` only (an ask/tell trial gets no later
+    heartbeats). No public API says whether heartbeats are on (``is_heartbeat_enabled``).
     """
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
@@ -174,11 +170,9 @@ def record_first_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
 def running_trials_without_heartbeat(study: optuna.Study) -> set[int]:
     """Numbers of the study's RUNNING trials that never recorded a heartbeat.
 
-    Such a trial's process died between Optuna creating the trial and its first
-    heartbeat; ``fail_stale_trials`` skips it for good. Optuna's storages have no
-    public way to ask whether a trial has a heartbeat (the RDB model is private).
-    Storages without heartbeats give an empty set.
-    """
+    Such a trial's process died before its first heartbeat; ``fail_stale_trials`` skips
+    it for good. No public API tells (the RDB model is private). Storages without
+    heartbeats give an empty set."""
     from optuna.storages._heartbeat import is_heartbeat_enabled
     from optuna.storages._rdb import models
 
@@ -254,14 +248,12 @@ def never_create_sqlite_stores() -> None:
     """From now on, in this process, opening a SQLite tracking store whose file is
     missing, or whose folder goes as SQLite opens it, raises ``FileNotFoundError``.
 
-    For ``clients.get_client(create=False)``: the writer process only opens stores the
-    calling process made; one removed since (a temporary folder) would be made again and
-    left behind, or, its folder removed during the open, retried for about 100 s with
-    warnings. MLflow 3.x makes a SQLite file's folders (``_make_parent_dirs_if_sqlite``)
-    and retries a failed open (``create_sqlalchemy_engine_with_retry``, through the
-    module: the tracking store's call), with no option to do either. Not covered: a
-    file unlinked in a folder that stays, as SQLite opens it (SQLite makes it anew).
-    """
+    For ``clients.get_client(create=False)``: the writer process opens only stores the
+    calling process made; one removed since (a temporary folder) would be made again, or
+    retried for about 100 s. MLflow 3.x makes the folders (``_make_parent_dirs_if_sqlite``)
+    and retries a failed open (``create_sqlalchemy_engine_with_retry``, called through
+    the module) with no option to do either. Not covered: a file unlinked as SQLite opens
+    it in a folder that stays (SQLite makes it anew)."""
     from optuna_mlflow_nested.tracking.clients import sqlite_path  # (it imports this module)
 
     try:
@@ -312,9 +304,8 @@ def claim_trial(study: optuna.Study, trial_id: int) -> optuna.Trial | None:
     """Take the queued trial ``trial_id`` (WAITING to RUNNING) as ``study.ask()`` would.
 
     Workers of one ``optimize(executor=...)`` share an exact budget of queued trials and
-    know their ids. Optuna's ``ask`` pops a waiting trial by reading every unfinished
-    trial of the study (its private ``_pop_waiting_trial_id``): with a whole budget
-    queued, O(budget) rows per trial. This is that pop for one known trial.
+    know their ids. Optuna's ``ask`` pops one by reading every unfinished trial (private
+    ``_pop_waiting_trial_id``): O(budget) rows per trial. This pops one known trial.
 
     Returns:
         The trial, or ``None`` when it is not WAITING any more (another worker took
@@ -332,6 +323,19 @@ def claim_trial(study: optuna.Study, trial_id: int) -> optuna.Trial | None:
 def trial_id(trial: FrozenTrial) -> int:
     """The storage's id of a trial: storages key on it, ``FrozenTrial`` keeps it private."""
     return trial._trial_id
+
+
+def journal_file(storage: optuna.storages.BaseStorage) -> tuple[str, Any] | None:
+    """The file path and lock of a journal file storage, as given, else ``None``: a
+    relative path must reach executor workers absolute (``JournalFileBackend`` keeps
+    both privately)."""
+    from optuna.storages.journal import JournalFileBackend
+
+    backend = getattr(storage, "_backend", None)
+    if isinstance(storage, optuna.storages.JournalStorage) and isinstance(
+            backend, JournalFileBackend):
+        return backend._file_path, backend._lock
+    return None
 
 
 def rdb_url(storage: optuna.storages.BaseStorage) -> str | None:
@@ -364,18 +368,13 @@ def executor_worker_count(executor: Any) -> int | None:
 def trial_active_run(run: Run | None, client: MlflowClient) -> Iterator[list[str]]:
     """:func:`active_run` for a trial's objective, proof against ``mlflow.end_run()``.
 
-    An objective that calls ``mlflow.end_run()`` pops the trial's run off MLflow's
-    thread-local stack; the next ``mlflow.log_*`` then starts a stray run in the
-    default experiment that stays RUNNING, and stays active in the thread for the
-    trials after. So the run is pushed twice: ``end_run`` ends the trial's run (the
-    trial's record sets its final status later) and pops one copy, and later calls
-    still land in the trial's run. Runs the objective started and left active are
-    ended here (FAILED if it raised, as ``with mlflow.start_run()`` would) and popped,
-    so that none leaks into the next trial of the thread. ``run=None`` (the trial has
-    no run yet: the tracking server was away when it started) pushes nothing and
-    still ends and pops the runs that the objective's ``mlflow.log_*`` calls started.
-    The list yielded holds, on exit, the ids of the runs so ended. MLflow's
-    active-run stack has no public push/pop.
+    ``mlflow.end_run()`` in an objective pops the trial's run off MLflow's thread-local
+    stack (no public push/pop); the next ``mlflow.log_*`` would start a stray RUNNING run
+    in the default experiment, active for the thread's later trials. So the run is
+    pushed twice: ``end_run`` pops one copy. Runs the objective started and left active
+    are ended here (FAILED if it raised, as ``with mlflow.start_run()``) and popped.
+    ``run=None`` (the server was away when the trial started) pushes nothing. The list
+    yielded holds, on exit, the ids of the runs so ended.
     """
     import time
 

@@ -4,6 +4,7 @@ run, and the storage the workers are given."""
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jo
         raise ValueError("optimize(executor=...) needs n_trials: the exact total over all workers")
     if n_trials == 0:  # nothing runs, as in Optuna
         return n_workers
-    _check_shareable(study)
+    _check_shareable(study, executor)
     _check_picklable(executor, [
         (f"the objective {_name(func)!r}", func),
         *((f"callbacks[{i}] {_name(c)!r}", c) for i, c in enumerate(callbacks)),
@@ -49,12 +50,22 @@ def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jo
 
 
 def shared_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage | str:
-    """``storage`` as the workers are to open it: a relative SQLite file as an absolute URL.
+    """``storage`` as the workers are to open it: a relative SQLite file as an absolute
+    URL, a relative journal file as a journal storage on its absolute path (its lock of
+    the same class, for that path).
 
     A Dask worker or a submitit job starts in a folder of its own, where a relative
-    ``sqlite:///optuna.db`` is another, empty file. (Workers reopen an RDB storage from
-    its URL anyway, with heartbeats: ``executors._run_worker``.)
+    ``sqlite:///optuna.db`` or ``journal.log`` is another, empty file. (Workers reopen an
+    RDB storage from its URL anyway, with heartbeats: ``executors._run_worker``.)
     """
+    journal = _compat.journal_file(storage)
+    lock_class = None if journal is None else _journal_lock_class(journal[1])
+    if journal is not None and lock_class is not None and not Path(journal[0]).is_absolute():
+        from optuna.storages.journal import JournalFileBackend
+
+        path = str(Path(journal[0]).resolve())  # (the log is read again: once per optimize)
+        lock = lock_class(path, grace_period=journal[1].grace_period)
+        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=lock))
     url = _compat.rdb_url(storage)
     if url is None or not url.startswith("sqlite"):
         return storage
@@ -67,13 +78,35 @@ def shared_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.Base
     return absolute.render_as_string(hide_password=False)  # (SQLite URLs hold no password)
 
 
-def _check_shareable(study: Any) -> None:
+def _journal_lock_class(lock: Any) -> Any:
+    """The class of a relative journal file's lock, to make it again for the absolute
+    path (Optuna's two file locks, or a subclass that keeps their ``__init__``), else
+    ``None``."""
+    from optuna.storages.journal import JournalFileOpenLock
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    inits = (JournalFileOpenLock.__init__, JournalFileSymlinkLock.__init__)
+    # (unwrap: Optuna's deprecated import paths wrap the same __init__ with a warning)
+    rebuilt = inspect.unwrap(type(lock).__init__) in inits and hasattr(lock, "grace_period")
+    return type(lock) if rebuilt else None
+
+
+def _check_shareable(study: Any, executor: Any) -> None:
     storage, _ = _compat.study_storage(study)
     if isinstance(storage, optuna.storages.InMemoryStorage):
         raise ValueError(
             "optimize(executor=...) needs a storage the workers share (an RDB URL such as "
             "sqlite:////abs/path/optuna.db or postgresql://..., a journal file, or Optuna's "
             "gRPC proxy); this study is in memory")
+    journal = _compat.journal_file(storage)
+    if (journal is not None and not Path(journal[0]).is_absolute()
+            and not isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+            and _journal_lock_class(journal[1]) is None):
+        raise ValueError(
+            f"optimize(executor=...) cannot share the journal file {journal[0]!r}: workers "
+            "started in another folder would open another file there, and its lock "
+            f"{type(journal[1]).__name__} cannot be made again for the absolute path; give "
+            f"the file as an absolute path ({str(Path(journal[0]).resolve())!r})")
     url = _compat.rdb_url(storage) or ""
     if url.startswith("sqlite") and (":memory:" in url or url.rstrip("/") == "sqlite:"):
         raise ValueError(f"optimize(executor=...) cannot share the in-memory SQLite storage {url!r}")

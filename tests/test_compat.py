@@ -109,6 +109,19 @@ def test_rdb_url_and_executor_worker_count(tmp_path) -> None:
     assert _compat.executor_worker_count(object()) is None
 
 
+
+def test_journal_file_gives_the_path_and_lock_as_given(tmp_path, monkeypatch) -> None:
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileOpenLock
+
+    monkeypatch.chdir(tmp_path)
+    lock = JournalFileOpenLock("j.log")
+    path, found = _compat.journal_file(optuna.storages.JournalStorage(
+        JournalFileBackend("j.log", lock_obj=lock)))
+    assert (path, found) == ("j.log", lock)
+    assert _compat.journal_file(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")) is None
+
+
 def test_trial_active_run_survives_end_run_and_ends_runs_left_active(tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)

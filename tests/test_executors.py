@@ -238,6 +238,34 @@ def test_a_relative_sqlite_storage_reaches_workers_started_in_another_folder(
     assert not (elsewhere / "optuna.db").exists()
 
 
+
+@pytest.mark.parametrize("lock", ["symlink", "open"])
+def test_a_relative_journal_file_reaches_workers_started_in_another_folder(
+        tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch, lock: str) -> None:
+    # As a relative SQLite file: Optuna's journal file backend keeps the path as given,
+    # so a worker in another folder opened another, empty journal there (and its lock).
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileOpenLock
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    lock_class = JournalFileSymlinkLock if lock == "symlink" else JournalFileOpenLock
+    storage = optuna.storages.JournalStorage(JournalFileBackend(
+        "journal.log", lock_obj=lock_class("journal.log", grace_period=12)))
+    study = omn.create_study("relative-journal", storage=storage, tracking_uri=tracking_uri,
+                             sampler="random", seed=0)
+    with ProcessPoolExecutor(2, initializer=os.chdir, initargs=(str(elsewhere),)) as pool:
+        study.optimize(quadratic, n_trials=6, executor=pool)
+    assert_tree(study, 6)
+    assert list(elsewhere.iterdir()) == []
+    reloaded = optuna.load_study(study_name="relative-journal", storage=optuna.storages.JournalStorage(
+        JournalFileBackend(str(here / "journal.log"))))
+    assert len(reloaded.trials) == 6
+
+
 @pytest.mark.slow  # a tracking server
 @pytest.mark.postgres
 def test_process_pool_on_postgres_and_a_tracking_server(postgres_url: str,
@@ -264,6 +292,30 @@ def test_shared_storage_makes_only_relative_sqlite_files_absolute(
     journal = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log")))
     assert shared_storage(journal) is journal
+
+
+
+class TeamLock(optuna.storages.journal.JournalFileOpenLock):
+    """A journal file lock with an ``__init__`` of its own (module level: picklable)."""
+
+    def __init__(self, filepath: str, team: str) -> None:
+        super().__init__(filepath)
+        self.team = team
+
+def test_a_relative_journal_file_with_a_lock_of_its_own_is_a_clear_error(
+        tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lock class this project cannot rebuild for the absolute path: named, before
+    # anything runs (no trial queued).
+    from optuna.storages.journal import JournalFileBackend
+
+    monkeypatch.chdir(tmp_path)
+    storage = optuna.storages.JournalStorage(JournalFileBackend(
+        "journal.log", lock_obj=TeamLock("journal.log", "a")))
+    study = omn.create_study("own-lock", storage=storage, tracking_uri=tracking_uri)
+    named = r"journal file .journal\.log.*TeamLock"
+    with ProcessPoolExecutor(2) as pool, pytest.raises(ValueError, match=named):
+        study.optimize(quadratic, n_trials=4, executor=pool)
+    assert study.trials == []
 
 
 def sleepy(trial: optuna.Trial) -> float:
