@@ -20,13 +20,12 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 __all__ = [
-    "active_run", "active_run_ids_of_all_threads", "add_trial", "add_waiting_trials",
-    "claim_trial", "default_experiment_id", "executor_worker_count", "explicit_tracking_uri",
-    "journal_file", "never_create_sqlite_stores", "open_store", "quiet_retried_store_errors",
-    "rdb_url", "record_first_heartbeat", "retried_store_call",
-    "running_trials_without_heartbeat", "set_trial_system_attr",
-    "stop_heartbeats_left_running", "study_storage", "trial_active_run", "trial_id",
-    "update_run_info",
+    "active_run", "active_run_ids_of_all_threads", "add_trial", "add_waiting_trials", "claim_trial",
+    "default_experiment_id", "executor_worker_count", "explicit_tracking_uri", "journal_file",
+    "never_create_sqlite_stores", "open_store", "quiet_retried_store_errors", "rdb_url",
+    "record_first_heartbeat", "retried_store_call", "running_trials_without_heartbeat",
+    "set_trial_system_attr", "stop_heartbeats_left_running", "study_storage", "trial_active_run",
+    "trial_id", "update_run_info",
 ]
 
 
@@ -77,8 +76,7 @@ def active_run(run: Run) -> Iterator[None]:
     """Make ``run`` the active run of the calling thread without a round trip:
     ``mlflow.start_run(run_id=...)`` does a ``get_run`` and a status update per call and
     ends the run on exit; a trial needs neither (the writer finishes the run). MLflow's
-    active run is a thread-local stack with no public push/pop.
-    """
+    active run is a thread-local stack with no public push/pop."""
     from mlflow.tracking import fluent
 
     stack = fluent._active_run_stack.get()
@@ -93,11 +91,9 @@ def active_run(run: Run) -> Iterator[None]:
 
 
 def active_run_ids_of_all_threads() -> dict[int | None, list[str]]:
-    """Thread ident -> ids of the runs active in that thread, outermost first.
-
-    MLflowCallback nests trials that Optuna runs in worker threads under the run the
-    user started in the calling thread; ``mlflow.active_run()`` sees only its own thread.
-    """
+    """Thread ident -> ids of the runs active in that thread, outermost first: MLflowCallback
+    nests trials run in Optuna's worker threads under the run the user started in the
+    calling thread; ``mlflow.active_run()`` sees only its own thread."""
     from mlflow.tracking import fluent
 
     stacks = fluent._active_run_stack.get_all_thread_values()
@@ -105,11 +101,9 @@ def active_run_ids_of_all_threads() -> dict[int | None, list[str]]:
 
 
 def default_experiment_id() -> str:
-    """The experiment ``mlflow.start_run()`` would use (set_experiment, env, or default).
-
-    MLflowCallback with ``create_experiment=False`` must log where the legacy callback
-    did; MLflow resolves that only inside ``start_run``.
-    """
+    """The experiment ``mlflow.start_run()`` would use (set_experiment, env, or default):
+    MLflowCallback with ``create_experiment=False`` logs there, as the legacy callback
+    did; MLflow resolves that only inside ``start_run``."""
     from mlflow.tracking import fluent
 
     return str(fluent._get_experiment_id())
@@ -138,9 +132,8 @@ def update_run_info(client: MlflowClient, run_id: str, status: str, end_time: in
     ``client.set_terminated`` first does a ``get_run`` round trip to print a 'View run'
     URL against a server, on every trial; ``client.update_run`` cannot set the end time.
     """
-    client._tracking_client.store.update_run_info(
-        run_id, RunStatus.from_string(status), end_time, run_name
-    )
+    client._tracking_client.store.update_run_info(run_id, RunStatus.from_string(status), end_time,
+                                                  run_name)
 
 
 def study_storage(study: optuna.Study) -> tuple[optuna.storages.BaseStorage, int]:
@@ -158,7 +151,7 @@ def record_first_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
     Optuna's ``optimize`` records it only once ``ask`` has returned; a process killed in
     between leaves a RUNNING trial without one, which ``fail_stale_trials`` never fails.
     ``study.ask`` calls this inside ``optimize`` only (an ask/tell trial gets no later
-    heartbeats). No public API says whether heartbeats are on (``is_heartbeat_enabled``).
+    heartbeats and would go stale). No public API says whether heartbeats are on.
     """
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
@@ -249,11 +242,11 @@ def never_create_sqlite_stores() -> None:
     missing, or whose folder goes as SQLite opens it, raises ``FileNotFoundError``.
 
     For ``clients.get_client(create=False)``: the writer process opens only stores the
-    calling process made; one removed since (a temporary folder) would be made again, or
-    retried for about 100 s. MLflow 3.x makes the folders (``_make_parent_dirs_if_sqlite``)
-    and retries a failed open (``create_sqlalchemy_engine_with_retry``, called through
-    the module) with no option to do either. Not covered: a file unlinked as SQLite opens
-    it in a folder that stays (SQLite makes it anew)."""
+    calling process made; one removed since (a temporary folder) would be made again and
+    left behind, or (its folder removed during the open) retried for about 100 s. MLflow
+    3.x makes the folders (``_make_parent_dirs_if_sqlite``) and retries a failed open
+    (``create_sqlalchemy_engine_with_retry``, called through the module) with no option
+    to do either. Not covered: a file unlinked as SQLite opens it (it makes it anew)."""
     from optuna_mlflow_nested.tracking.clients import sqlite_path  # (it imports this module)
 
     try:
@@ -325,17 +318,24 @@ def trial_id(trial: FrozenTrial) -> int:
     return trial._trial_id
 
 
-def journal_file(storage: optuna.storages.BaseStorage) -> tuple[str, Any] | None:
-    """The file path and lock of a journal file storage, as given, else ``None``: a
-    relative path must reach executor workers absolute (``JournalFileBackend`` keeps
-    both privately)."""
+def journal_file(storage: optuna.storages.BaseStorage) -> tuple[Any, str, Any, str | None] | None:
+    """A journal file storage's backend, file path, lock, and the path its lock was made
+    for (``None`` for a lock class other than Optuna's two), as given, else ``None``.
+
+    Relative paths must reach executor workers absolute; ``JournalFileBackend`` and the
+    locks keep their paths privately (a lock's file is its path + ``".lock"``).
+    """
     from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileOpenLock
+    from optuna.storages.journal import JournalFileSymlinkLock
 
     backend = getattr(storage, "_backend", None)
-    if isinstance(storage, optuna.storages.JournalStorage) and isinstance(
-            backend, JournalFileBackend):
-        return backend._file_path, backend._lock
-    return None
+    if not (isinstance(storage, optuna.storages.JournalStorage)
+            and isinstance(backend, JournalFileBackend)):
+        return None
+    lock: Any = backend._lock
+    known = isinstance(lock, (JournalFileOpenLock, JournalFileSymlinkLock))
+    return backend, backend._file_path, lock, lock._lock_file[:-5] if known else None
 
 
 def rdb_url(storage: optuna.storages.BaseStorage) -> str | None:
@@ -371,7 +371,8 @@ def trial_active_run(run: Run | None, client: MlflowClient) -> Iterator[list[str
     ``mlflow.end_run()`` in an objective pops the trial's run off MLflow's thread-local
     stack (no public push/pop); the next ``mlflow.log_*`` would start a stray RUNNING run
     in the default experiment, active for the thread's later trials. So the run is
-    pushed twice: ``end_run`` pops one copy. Runs the objective started and left active
+    pushed twice: ``end_run`` ends it (the record sets its final status later) and pops
+    one copy. Runs the objective started and left active
     are ended here (FAILED if it raised, as ``with mlflow.start_run()``) and popped.
     ``run=None`` (the server was away when the trial started) pushes nothing. The list
     yielded holds, on exit, the ids of the runs so ended.

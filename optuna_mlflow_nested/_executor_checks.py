@@ -8,6 +8,7 @@ import inspect
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
+import warnings
 
 import optuna
 
@@ -49,23 +50,29 @@ def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jo
     return resolve_workers(executor, n_workers)
 
 
-def shared_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage | str:
+def shared_storage(storage: optuna.storages.BaseStorage,
+                   executor: Any = None) -> optuna.storages.BaseStorage | str:
     """``storage`` as the workers are to open it: a relative SQLite file as an absolute
-    URL, a relative journal file as a journal storage on its absolute path (its lock of
-    the same class, for that path).
+    URL, a journal file storage with a relative path (its file's or its lock's) made
+    again, of the same classes, on absolute paths (not for a thread pool's workers,
+    which are this process).
 
     A Dask worker or a submitit job starts in a folder of its own, where a relative
     ``sqlite:///optuna.db`` or ``journal.log`` is another, empty file. (Workers reopen an
     RDB storage from its URL anyway, with heartbeats: ``executors._run_worker``.)
     """
     journal = _compat.journal_file(storage)
-    lock_class = None if journal is None else _journal_lock_class(journal[1])
-    if journal is not None and lock_class is not None and not Path(journal[0]).is_absolute():
-        from optuna.storages.journal import JournalFileBackend
-
-        path = str(Path(journal[0]).resolve())  # (the log is read again: once per optimize)
-        lock = lock_class(path, grace_period=journal[1].grace_period)
-        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=lock))
+    if journal is not None:
+        backend, path, lock, lock_path = journal
+        if (isinstance(executor, concurrent.futures.ThreadPoolExecutor) or lock_path is None
+                or not _relative(journal) or not _can_remake(storage, journal)):
+            return storage  # (_check_shareable refused what workers elsewhere cannot share)
+        storage_class: Any = type(storage)
+        with warnings.catch_warnings():  # a deprecated import path, a short grace period:
+            warnings.simplefilter("ignore")  # Optuna said so when the user made them
+            remade = type(lock)(str(Path(lock_path).resolve()), grace_period=lock.grace_period)
+            # (the journal is read again here: once per optimize)
+            return storage_class(type(backend)(str(Path(path).resolve()), lock_obj=remade))
     url = _compat.rdb_url(storage)
     if url is None or not url.startswith("sqlite"):
         return storage
@@ -78,17 +85,28 @@ def shared_storage(storage: optuna.storages.BaseStorage) -> optuna.storages.Base
     return absolute.render_as_string(hide_password=False)  # (SQLite URLs hold no password)
 
 
-def _journal_lock_class(lock: Any) -> Any:
-    """The class of a relative journal file's lock, to make it again for the absolute
-    path (Optuna's two file locks, or a subclass that keeps their ``__init__``), else
-    ``None``."""
+def _relative(journal: tuple[Any, str, Any, str | None]) -> bool:
+    """Whether a journal file storage's file or lock path is relative (a lock class of
+    the user's own keeps its path to itself: only the file's counts)."""
+    _, path, _, lock_path = journal
+    return not Path(path).is_absolute() or (lock_path is not None
+                                            and not Path(lock_path).is_absolute())
+
+
+def _can_remake(storage: Any, journal: tuple[Any, str, Any, str | None]) -> bool:
+    """Whether the storage, its backend and its lock can be made again with their
+    classes' own arguments: Optuna's classes, or subclasses that keep their ``__init__``
+    (Optuna's deprecated import paths wrap the same ``__init__``)."""
+    from optuna.storages.journal import JournalFileBackend
     from optuna.storages.journal import JournalFileOpenLock
     from optuna.storages.journal import JournalFileSymlinkLock
 
-    inits = (JournalFileOpenLock.__init__, JournalFileSymlinkLock.__init__)
-    # (unwrap: Optuna's deprecated import paths wrap the same __init__ with a warning)
-    rebuilt = inspect.unwrap(type(lock).__init__) in inits and hasattr(lock, "grace_period")
-    return type(lock) if rebuilt else None
+    backend, _, lock, lock_path = journal
+    locks = (JournalFileOpenLock.__init__, JournalFileSymlinkLock.__init__)
+    return (inspect.unwrap(type(storage).__init__) is optuna.storages.JournalStorage.__init__
+            and inspect.unwrap(type(backend).__init__) is JournalFileBackend.__init__
+            and lock_path is not None and inspect.unwrap(type(lock).__init__) in locks
+            and hasattr(lock, "grace_period"))
 
 
 def _check_shareable(study: Any, executor: Any) -> None:
@@ -99,14 +117,14 @@ def _check_shareable(study: Any, executor: Any) -> None:
             "sqlite:////abs/path/optuna.db or postgresql://..., a journal file, or Optuna's "
             "gRPC proxy); this study is in memory")
     journal = _compat.journal_file(storage)
-    if (journal is not None and not Path(journal[0]).is_absolute()
-            and not isinstance(executor, concurrent.futures.ThreadPoolExecutor)
-            and _journal_lock_class(journal[1]) is None):
+    if (journal is not None and _relative(journal) and not _can_remake(storage, journal)
+            and not isinstance(executor, concurrent.futures.ThreadPoolExecutor)):
+        path, lock = journal[1], journal[2]
         raise ValueError(
-            f"optimize(executor=...) cannot share the journal file {journal[0]!r}: workers "
-            "started in another folder would open another file there, and its lock "
-            f"{type(journal[1]).__name__} cannot be made again for the absolute path; give "
-            f"the file as an absolute path ({str(Path(journal[0]).resolve())!r})")
+            f"optimize(executor=...) cannot share the journal file {path!r} with the lock "
+            f"{type(lock).__name__}: workers started in another folder would open another "
+            "file or lock there, and this storage cannot be made again on absolute paths; "
+            f"give the file ({str(Path(path).resolve())!r}) and its lock absolute paths")
     url = _compat.rdb_url(storage) or ""
     if url.startswith("sqlite") and (":memory:" in url or url.rstrip("/") == "sqlite:"):
         raise ValueError(f"optimize(executor=...) cannot share the in-memory SQLite storage {url!r}")

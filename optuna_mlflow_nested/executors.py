@@ -229,7 +229,7 @@ def optimize_with_executor(
     waiting += _compat.add_waiting_trials(study, max(0, n_trials - len(waiting)))
     queued = {t.number for t in waiting}
     spec = WorkerSpec(
-        study_name=study.study_name, storage=shared_storage(storage),
+        study_name=study.study_name, storage=shared_storage(storage, executor),
         tracking_uri=study.tracking_uri,
         metric_name=study.metric_name, sampler=study.sampler, pruner=study.pruner, func=func,
         catch=catch, callbacks=tuple(callbacks), gc_after_trial=gc_after_trial,

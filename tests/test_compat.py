@@ -110,15 +110,24 @@ def test_rdb_url_and_executor_worker_count(tmp_path) -> None:
 
 
 
-def test_journal_file_gives_the_path_and_lock_as_given(tmp_path, monkeypatch) -> None:
+def test_journal_file_gives_the_paths_and_lock_as_given(tmp_path, monkeypatch) -> None:
     from optuna.storages.journal import JournalFileBackend
     from optuna.storages.journal import JournalFileOpenLock
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    class Unknown:  # a lock of the user's own: its path is its own business
+        def acquire(self) -> bool:
+            return True
+
+        def release(self) -> None:
+            pass
 
     monkeypatch.chdir(tmp_path)
-    lock = JournalFileOpenLock("j.log")
-    path, found = _compat.journal_file(optuna.storages.JournalStorage(
-        JournalFileBackend("j.log", lock_obj=lock)))
-    assert (path, found) == ("j.log", lock)
+    for lock, lock_path in [(JournalFileOpenLock("other"), "other"),
+                            (JournalFileSymlinkLock("j.log"), "j.log"), (Unknown(), None)]:
+        backend = JournalFileBackend("j.log", lock_obj=lock)
+        found = _compat.journal_file(optuna.storages.JournalStorage(backend))
+        assert found == (backend, "j.log", lock, lock_path)
     assert _compat.journal_file(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")) is None
 
 

@@ -9,6 +9,7 @@ import ast
 from collections.abc import Callable
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 import os
 from pathlib import Path
 import re
@@ -280,8 +281,15 @@ def test_process_pool_on_postgres_and_a_tracking_server(postgres_url: str,
     assert_tree(study, 8)
 
 
-def test_shared_storage_makes_only_relative_sqlite_files_absolute(
+def test_shared_storage_makes_relative_sqlite_and_journal_paths_absolute(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileOpenLock
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from optuna_mlflow_nested import _compat
     from optuna_mlflow_nested._executor_checks import shared_storage
 
     monkeypatch.chdir(tmp_path)
@@ -289,10 +297,30 @@ def test_shared_storage_makes_only_relative_sqlite_files_absolute(
     assert shared_storage(relative) == f"sqlite+pysqlite:///{tmp_path / 'rel.db'}?timeout=30"
     absolute = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'abs.db'}")
     assert shared_storage(absolute) is absolute
-    journal = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log")))
-    assert shared_storage(journal) is journal
 
+    def journal(path: str, lock: object) -> optuna.storages.JournalStorage:
+        return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=lock))
+
+    both_absolute = journal(str(tmp_path / "a.log"), JournalFileOpenLock(str(tmp_path / "a.log")))
+    assert shared_storage(both_absolute) is both_absolute
+    # The lock keeps its own path (other processes lock that file), made absolute.
+    relative_journal = journal("j.log", JournalFileOpenLock("other", grace_period=12))
+    remade = shared_storage(relative_journal)
+    _, path, lock, lock_path = _compat.journal_file(remade)
+    assert (path, type(lock), lock.grace_period, lock_path) == (
+        str(tmp_path / "j.log"), JournalFileOpenLock, 12, str(tmp_path / "other"))
+    with ThreadPoolExecutor(1) as threads:  # its workers are this process: as given
+        assert shared_storage(relative_journal, threads) is relative_journal
+    relative_lock = journal(str(tmp_path / "b.log"), JournalFileSymlinkLock("b.log", grace_period=None))
+    _, path, lock, lock_path = _compat.journal_file(shared_storage(relative_lock))
+    assert (path, type(lock), lock.grace_period, lock_path) == (
+        str(tmp_path / "b.log"), JournalFileSymlinkLock, None, str(tmp_path / "b.log"))
+    with warnings.catch_warnings(record=True) as seen:  # said once, when the user made it
+        warnings.simplefilter("always")
+        short = journal("c.log", JournalFileOpenLock("c.log", grace_period=2))
+        assert len(seen) == 1
+        _, _, lock, _ = _compat.journal_file(shared_storage(short))
+    assert lock.grace_period == 2 and len(seen) == 1
 
 
 class TeamLock(optuna.storages.journal.JournalFileOpenLock):
@@ -312,10 +340,13 @@ def test_a_relative_journal_file_with_a_lock_of_its_own_is_a_clear_error(
     storage = optuna.storages.JournalStorage(JournalFileBackend(
         "journal.log", lock_obj=TeamLock("journal.log", "a")))
     study = omn.create_study("own-lock", storage=storage, tracking_uri=tracking_uri)
-    named = r"journal file .journal\.log.*TeamLock"
+    named = r"journal file .journal\.log. with the lock TeamLock"
     with ProcessPoolExecutor(2) as pool, pytest.raises(ValueError, match=named):
         study.optimize(quadratic, n_trials=4, executor=pool)
     assert study.trials == []
+    with ThreadPoolExecutor(2) as threads:  # its workers are this process: it works
+        study.optimize(quadratic, n_trials=4, executor=threads)
+    assert_tree(study, 4)
 
 
 def sleepy(trial: optuna.Trial) -> float:
@@ -678,7 +709,6 @@ def test_a_workers_claim_does_not_read_the_whole_queued_budget(tmp_path: Path,
     unfinished trial of the study: O(budget) rows per trial, O(budget²) per optimize
     (`python benchmarks/claim_cost.py`: 31 ms a claim at 200 queued trials, 120 ms at
     1,000, against 4-7 ms by id)."""
-    from concurrent.futures import ThreadPoolExecutor
 
     from optuna.storages._rdb import models
     import sqlalchemy

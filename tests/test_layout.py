@@ -13,7 +13,8 @@ PACKAGE = Path(optuna_mlflow_nested.__file__).parent
 PRIVATE = re.compile(r"_fluent\.|_tracking_client|_tracking_utils|_get_experiment_id|\._storage\b"
                      r"|\._study_id\b|\._trial_id\b|\._suggest\(|_active_run_stack|\._validate\("
                      r"|_thread_local|_pop_waiting_trial_id|\._backend\b|\._max_workers\b"
-                     r"|\._is_multi_objective\b|(?<!self)\._tracking_uri\b")
+                     r"|\._is_multi_objective\b|(?<!self)\._tracking_uri\b"
+                     r"|\._file_path\b|\._lock_file\b|\._lock_target_file\b")
 
 
 def modules() -> list[Path]:

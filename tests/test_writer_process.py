@@ -300,21 +300,24 @@ def test_a_search_the_store_keeps_up_with_gets_no_rate_warning(
 
 
 def test_a_writer_behind_before_its_first_write_names_no_store_rate(
-        tracking_uri: str, tmp_path: Path) -> None:
+        tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The rate warning's figures come from the writes done so far. Trials can fall
     # LAG_BACKLOG behind before the first write ends (an instant objective with the
     # writer process, or a store locked, as here): the message then said "the store
     # writes about 0.0 runs/s", a rate never measured.
     import sqlite3
 
+    from optuna_mlflow_nested.tracking import writer as writer_module
     from optuna_mlflow_nested.tracking.delivery import RetryPolicy
     from optuna_mlflow_nested.tracking.records import RunRecord
     from optuna_mlflow_nested.tracking.spool import Spool
     from optuna_mlflow_nested.tracking.writer import LAG_BACKLOG
     from optuna_mlflow_nested.tracking.writer import Writer
 
+    monkeypatch.setattr(writer_module, "SLOW_START_S", 1.0)  # (5 s by default)
     client = MlflowClient(tracking_uri)
     experiment_id = client.create_experiment("behind")
+    started = time.monotonic()
     writer = Writer(client, 1, Spool(tmp_path / "spool.jsonl"), RetryPolicy())
     holder = sqlite3.connect(tracking_uri.removeprefix("sqlite:///"), isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # the first write waits (busy timeout) for it
@@ -325,14 +328,18 @@ def test_a_writer_behind_before_its_first_write_names_no_store_rate(
                 study_name="behind", trial_number=number, run_id=None,
                 run_name=f"trial-{number}", status="FINISHED", end_time=int(time.time() * 1000),
                 params={"x": str(number)}))
+        # No write has ended: nothing is reported until SLOW_START_S after the start.
+        early = writer.lag() if time.monotonic() - started < writer_module.SLOW_START_S else None
         deadline = time.monotonic() + 15  # the store's lock holds out 20 s (busy timeout)
         while (lag := writer.lag()) is None and time.monotonic() < deadline:
-            time.sleep(0.1)  # SLOW_START_S after the writer's start it reports
+            time.sleep(0.1)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     assert writer.close(timeout=120)
-    assert lag is not None and lag.backlog >= LAG_BACKLOG
+    assert early is None
+    assert lag is not None and lag.backlog >= LAG_BACKLOG and lag.store_runs_per_s is None
+    assert lag.since_start_s >= writer_module.SLOW_START_S
     message = lag.message(tracking_uri)
     assert "about 0.0 runs/s" not in message
     assert "no run written yet" in message and "mlflow server" in message
