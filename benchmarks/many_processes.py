@@ -7,7 +7,8 @@ and running its trials, as the hand-started workers of README's recipes do. The
 objective suggests two params and computes ``--units`` eigenvalue problems of a 60x60
 matrix with one BLAS thread (0: it returns at once, the most writes per second; about
 450 make 0.1 s here). Counted per configuration: the workers' stderr lines that hold
-"Warning", "IntegrityError" or "Traceback"; then the child runs, trial numbers with more
+"Warning", "IntegrityError" or "Traceback" (the distinct warning lines are printed
+after each configuration's row); then the child runs, trial numbers with more
 than one run, finished trials with none, runs not FINISHED, the parent run's status;
 trials/s from the first trial's start to the last one's end (with instant trials the
 runs may still be waiting for their writers then); trials/s from the first trial's
@@ -159,6 +160,8 @@ def one_run(workers: int, trials: int, units: int, writer: str,
             "IntegrityError lines": sum("IntegrityError" in line for line in stderr),
             "Traceback lines": sum("Traceback" in line for line in stderr),
             "trials": len(finished),
+            # The warnings' own lines, each once (kept out of the tables: "_")
+            "_warnings": sorted({line.strip() for line in stderr if "Warning" in line}),
         }
         if writer not in ("bare", "floor"):
             client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
@@ -205,9 +208,11 @@ def main() -> None:
             trials = args.total // workers if args.total else args.trials
             row = {"round": repeat + 1,
                    **one_run(workers, trials, args.units, writer, checkout)}
-            print(row, flush=True)
+            print({k: v for k, v in row.items() if not k.startswith("_")}, flush=True)
+            for line in row["_warnings"]:
+                print(f"    stderr: {line[:300]}", flush=True)
             rows.append(row)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+    keys = list(dict.fromkeys(k for row in rows for k in row if not k.startswith("_")))
     print("\n| " + " | ".join(keys) + " |")
     print("|" + " --- |" * len(keys))
     order = sorted(rows, key=lambda r: (r["package"], r["writer"], r["workers"], r["round"]))
