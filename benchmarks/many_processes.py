@@ -24,13 +24,16 @@ in every round (in reverse order every other round): ``auto`` is the library's d
 run with MLflow's three public calls (create_run, one log_batch with our trial runs'
 params, metrics and tags, set_terminated) on the same SQLite file in WAL mode. With
 ``--total N`` each worker runs its share of N trials (for a speedup of more workers
-against one); else each runs ``--trials``. With ``--also PATH``, each round also runs
+against one); else each runs ``--trials``. With ``--prefill N`` the study is made with N
+trials already run (by the same arm, before the clock; they are not counted, except in
+the tree's checks): ``--workers 1 --trials 1 --prefill 960`` gives, in its CPU column,
+what one worker process costs in all beside a study of 960 trials. With ``--also PATH``, each round also runs
 the package of another checkout (``PATH`` first on ``PYTHONPATH``), to compare two
 versions side by side. At the end: medians over the rounds per configuration, and each
 configuration's speedup against the same package and writer with the fewest workers.
 
     python benchmarks/many_processes.py [--workers 8] [--writers auto] [--trials 40 | --total N]
-        [--units 0] [--repeats 3] [--also /path/to/other/checkout]
+        [--units 0] [--prefill 0] [--repeats 3] [--also /path/to/other/checkout]
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+#: Arms that run no study of this project: plain Optuna, with or without MLflow's calls
+#: (WORKER's own test of its mode spells them out).
+NO_PACKAGE = ("bare", "floor")
 
 WORKER = """
 import sys
@@ -74,27 +81,22 @@ if mode == "floor":  # MLflow's three public calls per trial, in the objective's
     import sqlite3
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
+    from optuna_mlflow_nested.tracking.records import trial_record
     client = MlflowClient("sqlite:///mlflow.db")
-    if not trials:  # the setup: the experiment, and the file in WAL mode as ours leaves it
-        client.create_experiment("many")
+    if client.get_experiment_by_name("many") is None:  # the setup: the file in WAL mode,
+        client.create_experiment("many")  # as ours leaves it
         sqlite3.connect("mlflow.db").execute("PRAGMA journal_mode=WAL").close()
     experiment_id = client.get_experiment_by_name("many").experiment_id
 
-    def floor(study, trial):  # the params, metrics and tags of one of our trial runs
-        run = client.create_run(experiment_id, run_name=f"trial-{trial.number}", tags={
-            "optuna.study_name": "many", "optuna.role": "trial"})
-        ms = int(trial.datetime_complete.timestamp() * 1000)
-        tags = {"number": str(trial.number), "datetime_start": str(trial.datetime_start),
-                "datetime_complete": str(trial.datetime_complete),
-                "state": trial.state.name, "direction": "MINIMIZE",
-                "optuna.trial_number": str(trial.number),
-                **{f"{k}_distribution": repr(d) for k, d in trial.distributions.items()}}
-        client.log_batch(run.info.run_id,
-                         metrics=[Metric("value", trial.value, ms, 0),
-                                  Metric("trial_number", trial.number, ms, 0)],
-                         params=[Param(k, str(v)) for k, v in trial.params.items()],
-                         tags=[RunTag(k, v) for k, v in tags.items()])
-        client.set_terminated(run.info.run_id, "FINISHED", ms)
+    def floor(study, trial):  # the params, metrics and tags of our record of the trial
+        record = trial_record(study, trial, tracking_uri="sqlite:///mlflow.db",
+                              experiment_id=experiment_id, parent_run_id=None, run_id=None)
+        run = client.create_run(experiment_id, run_name=record.run_name)
+        client.log_batch(run.info.run_id, metrics=[Metric(*m) for m in record.metrics],
+                         params=[Param(k, v) for k, v in record.params.items()],
+                         tags=[RunTag(k, v) for k, v in record.tags.items()
+                               if k != "mlflow.runName"])  # (as ours: set by create_run)
+        client.set_terminated(run.info.run_id, record.status, record.end_time)
 
     callbacks = [floor]
 elif mode != "bare":
@@ -108,7 +110,7 @@ if trials:
 
 
 def one_run(workers: int, trials: int, units: int, writer: str,
-            checkout: str | None) -> dict[str, Any]:
+            checkout: str | None, prefill: int = 0) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
     import optuna
     from optuna.storages import JournalStorage
@@ -121,8 +123,9 @@ def one_run(workers: int, trials: int, units: int, writer: str,
     if checkout:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as folder:
-        made = subprocess.run([sys.executable, "-c", WORKER, "0", str(units), writer], cwd=folder,
-                              env=env, capture_output=True, text=True)  # the study, once
+        made = subprocess.run(  # the study, once, with ``prefill`` trials already run
+            [sys.executable, "-c", WORKER, str(prefill), str(units), writer], cwd=folder,
+            env=env, capture_output=True, text=True)
         if made.returncode:
             raise RuntimeError(made.stderr[-3000:])
         package = made.stdout
@@ -147,14 +150,16 @@ def one_run(workers: int, trials: int, units: int, writer: str,
             stderr += text.splitlines()
         study = optuna.load_study(study_name="many", storage=JournalStorage(
             JournalFileBackend(os.path.join(folder, "journal.log"))))
-        finished = [t for t in study.trials if t.state.is_finished()]
+        every_finished = [t for t in study.trials if t.state.is_finished()]
+        finished = [t for t in every_finished if t.number >= prefill]  # the workers' trials
         cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
         first_start = min(t.datetime_start for t in finished)
-        span = (max(t.datetime_complete for t in finished) - first_start).total_seconds()
+        span = max((max(t.datetime_complete for t in finished) - first_start).total_seconds(),
+                   1e-6)
         to_exit = last_exit - first_start.timestamp()
         row: dict[str, Any] = {
-            "package": "" if writer in ("bare", "floor") else os.path.dirname(package.strip()),
+            "package": "" if writer in NO_PACKAGE else os.path.dirname(package.strip()),
             "writer": writer, "workers": workers,
             "warning lines": sum("Warning" in line for line in stderr),
             "IntegrityError lines": sum("IntegrityError" in line for line in stderr),
@@ -163,7 +168,7 @@ def one_run(workers: int, trials: int, units: int, writer: str,
             # The warnings' own lines, each once (kept out of the tables: "_")
             "_warnings": sorted({line.strip() for line in stderr if "Warning" in line}),
         }
-        if writer not in ("bare", "floor"):
+        if writer not in NO_PACKAGE:
             client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
             experiment = client.get_experiment_by_name("many")
             runs = client.search_runs([experiment.experiment_id], "tags.`optuna.role` = 'trial'",
@@ -172,7 +177,7 @@ def one_run(workers: int, trials: int, units: int, writer: str,
             row.update({
                 "child runs": len(runs),
                 "duplicated": sum(n > 1 for n in per_trial.values()),
-                "without a run": sum(str(t.number) not in per_trial for t in finished),
+                "without a run": sum(str(t.number) not in per_trial for t in every_finished),
                 "not FINISHED": sum(r.info.status != "FINISHED" for r in runs),
                 "parent": client.search_runs([experiment.experiment_id],
                                              "tags.`optuna.role` = 'study'")[0].info.status,
@@ -191,6 +196,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40, help="per worker")
     parser.add_argument("--total", type=int, help="trials in all, shared by the workers")
     parser.add_argument("--units", type=int, default=0, help="eigvalsh(60x60) per trial")
+    parser.add_argument("--prefill", type=int, default=0,
+                        help="trials run before the workers start (not counted)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--also", metavar="PATH", help="another checkout to run beside this one")
     args = parser.parse_args()
@@ -201,13 +208,13 @@ def main() -> None:
         parser.error(f"unknown --writers {sorted(unknown)}")
     checkouts = [None, args.also] if args.also else [None]
     configs = [(c, w, n) for c in checkouts for w in writers for n in worker_counts
-               if not (w in ("bare", "floor") and c is not None)]  # once: no package of ours
+               if not (w in NO_PACKAGE and c is not None)]  # once: no package of ours
     rows = []
     for repeat in range(args.repeats):
         for checkout, writer, workers in configs if repeat % 2 == 0 else configs[::-1]:
             trials = args.total // workers if args.total else args.trials
             row = {"round": repeat + 1,
-                   **one_run(workers, trials, args.units, writer, checkout)}
+                   **one_run(workers, trials, args.units, writer, checkout, args.prefill)}
             print({k: v for k, v in row.items() if not k.startswith("_")}, flush=True)
             for line in row["_warnings"]:
                 print(f"    stderr: {line[:300]}", flush=True)

@@ -372,8 +372,8 @@ def trial_active_run(run: Run | None, client: MlflowClient) -> Iterator[list[str
     stack (no public push/pop); the next ``mlflow.log_*`` would start a stray RUNNING run
     in the default experiment, active for the thread's later trials. So the run is
     pushed twice: ``end_run`` ends it (the record sets its final status later) and pops
-    one copy. Runs the objective started and left active
-    are ended here (FAILED if it raised, as ``with mlflow.start_run()``) and popped.
+    one copy. Runs the objective started and left active are ended here (FAILED if it
+    raised, as ``with mlflow.start_run()``) and popped.
     ``run=None`` (the server was away when the trial started) pushes nothing. The list
     yielded holds, on exit, the ids of the runs so ended.
     """

@@ -61,12 +61,9 @@ def shared_storage(storage: optuna.storages.BaseStorage,
     ``sqlite:///optuna.db`` or ``journal.log`` is another, empty file. (Workers reopen an
     RDB storage from its URL anyway, with heartbeats: ``executors._run_worker``.)
     """
-    journal = _compat.journal_file(storage)
+    journal = _journal_to_remake(storage, executor)
     if journal is not None:
         backend, path, lock, lock_path = journal
-        if (isinstance(executor, concurrent.futures.ThreadPoolExecutor) or lock_path is None
-                or not _relative(journal) or not _can_remake(storage, journal)):
-            return storage  # (_check_shareable refused what workers elsewhere cannot share)
         storage_class: Any = type(storage)
         with warnings.catch_warnings():  # a deprecated import path, a short grace period:
             warnings.simplefilter("ignore")  # Optuna said so when the user made them
@@ -85,28 +82,37 @@ def shared_storage(storage: optuna.storages.BaseStorage,
     return absolute.render_as_string(hide_password=False)  # (SQLite URLs hold no password)
 
 
-def _relative(journal: tuple[Any, str, Any, str | None]) -> bool:
-    """Whether a journal file storage's file or lock path is relative (a lock class of
-    the user's own keeps its path to itself: only the file's counts)."""
-    _, path, _, lock_path = journal
-    return not Path(path).is_absolute() or (lock_path is not None
-                                            and not Path(lock_path).is_absolute())
+def _journal_to_remake(storage: Any, executor: Any) -> Any:
+    """A journal file storage's ``(backend, path, lock, lock_path)`` when its file's or
+    its lock's path is relative and workers may start elsewhere (not a thread pool's:
+    they are this process), else ``None``.
 
-
-def _can_remake(storage: Any, journal: tuple[Any, str, Any, str | None]) -> bool:
-    """Whether the storage, its backend and its lock can be made again with their
-    classes' own arguments: Optuna's classes, or subclasses that keep their ``__init__``
-    (Optuna's deprecated import paths wrap the same ``__init__``)."""
+    Raises:
+        ValueError: it must be made again on absolute paths and cannot be: a class
+            other than Optuna's, or a subclass with an ``__init__`` of its own (Optuna's
+            deprecated import paths wrap the same ``__init__``).
+    """
     from optuna.storages.journal import JournalFileBackend
     from optuna.storages.journal import JournalFileOpenLock
     from optuna.storages.journal import JournalFileSymlinkLock
 
-    backend, _, lock, lock_path = journal
+    journal = _compat.journal_file(storage)
+    if journal is None or isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+        return None
+    backend, path, lock, lock_path = journal
+    # A lock class of the user's own keeps its path to itself: only the file's counts.
+    if Path(path).is_absolute() and (lock_path is None or Path(lock_path).is_absolute()):
+        return None
     locks = (JournalFileOpenLock.__init__, JournalFileSymlinkLock.__init__)
-    return (inspect.unwrap(type(storage).__init__) is optuna.storages.JournalStorage.__init__
+    if not (inspect.unwrap(type(storage).__init__) is optuna.storages.JournalStorage.__init__
             and inspect.unwrap(type(backend).__init__) is JournalFileBackend.__init__
-            and lock_path is not None and inspect.unwrap(type(lock).__init__) in locks
-            and hasattr(lock, "grace_period"))
+            and lock_path is not None and inspect.unwrap(type(lock).__init__) in locks):
+        raise ValueError(
+            f"optimize(executor=...) cannot share the journal file {path!r} with the lock "
+            f"{type(lock).__name__}: workers started in another folder would open another "
+            "file or lock there, and this storage cannot be made again on absolute paths; "
+            f"give the file ({str(Path(path).resolve())!r}) and its lock absolute paths")
+    return journal
 
 
 def _check_shareable(study: Any, executor: Any) -> None:
@@ -116,15 +122,7 @@ def _check_shareable(study: Any, executor: Any) -> None:
             "optimize(executor=...) needs a storage the workers share (an RDB URL such as "
             "sqlite:////abs/path/optuna.db or postgresql://..., a journal file, or Optuna's "
             "gRPC proxy); this study is in memory")
-    journal = _compat.journal_file(storage)
-    if (journal is not None and _relative(journal) and not _can_remake(storage, journal)
-            and not isinstance(executor, concurrent.futures.ThreadPoolExecutor)):
-        path, lock = journal[1], journal[2]
-        raise ValueError(
-            f"optimize(executor=...) cannot share the journal file {path!r} with the lock "
-            f"{type(lock).__name__}: workers started in another folder would open another "
-            "file or lock there, and this storage cannot be made again on absolute paths; "
-            f"give the file ({str(Path(path).resolve())!r}) and its lock absolute paths")
+    _journal_to_remake(storage, executor)  # raises if workers elsewhere cannot share it
     url = _compat.rdb_url(storage) or ""
     if url.startswith("sqlite") and (":memory:" in url or url.rstrip("/") == "sqlite:"):
         raise ValueError(f"optimize(executor=...) cannot share the in-memory SQLite storage {url!r}")

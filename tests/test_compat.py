@@ -109,7 +109,6 @@ def test_rdb_url_and_executor_worker_count(tmp_path) -> None:
     assert _compat.executor_worker_count(object()) is None
 
 
-
 def test_journal_file_gives_the_paths_and_lock_as_given(tmp_path, monkeypatch) -> None:
     from optuna.storages.journal import JournalFileBackend
     from optuna.storages.journal import JournalFileOpenLock

@@ -239,7 +239,6 @@ def test_a_relative_sqlite_storage_reaches_workers_started_in_another_folder(
     assert not (elsewhere / "optuna.db").exists()
 
 
-
 @pytest.mark.parametrize("lock", ["symlink", "open"])
 def test_a_relative_journal_file_reaches_workers_started_in_another_folder(
         tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch, lock: str) -> None:
@@ -329,6 +328,7 @@ class TeamLock(optuna.storages.journal.JournalFileOpenLock):
     def __init__(self, filepath: str, team: str) -> None:
         super().__init__(filepath)
         self.team = team
+
 
 def test_a_relative_journal_file_with_a_lock_of_its_own_is_a_clear_error(
         tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:

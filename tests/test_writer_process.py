@@ -298,7 +298,6 @@ def test_a_search_the_store_keeps_up_with_gets_no_rate_warning(
     assert not [w for w in recwarn if "trials end faster" in str(w.message)]
 
 
-
 def test_a_writer_behind_before_its_first_write_names_no_store_rate(
         tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The rate warning's figures come from the writes done so far. Trials can fall

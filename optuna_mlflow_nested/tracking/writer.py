@@ -47,7 +47,7 @@ class Lag:
     trials_per_s: float  #: records handed to the writer per second, since it started
     #: runs the store took per second of writing (all threads); None before the first
     store_runs_per_s: float | None
-    since_start_s: float = 0.0  #: seconds since the writer started
+    since_start_s: float  #: seconds since the writer started
 
     def message(self, tracking_uri: str) -> str:
         store = (f"the store writes about {self.store_runs_per_s:.1f} runs/s"
