@@ -178,7 +178,7 @@ class NestedStudy(optuna.Study):
         if not worker:
             parent_run.start_search(self, n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
                                     executor=executor)
-            ending = parent_run.SearchEnd(self)
+            ending = parent_run.SearchEnd(self, others_may_run=executor is None)
         status = "FAILED"
         try:
             if executor is not None:

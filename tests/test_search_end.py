@@ -135,3 +135,77 @@ def test_optimize_does_not_work_out_mlflows_default_uri(tracking_uri: str,
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
     assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert _compat.explicit_tracking_uri() is None and "MLFLOW_TRACKING_URI" not in os.environ
+
+
+FIGURES = {"optimization_history.png", "param_importances.png"}
+
+
+def _parent_files(study: omn.NestedStudy) -> set[str]:
+    assert study.wait_for_figures(timeout=120)
+    return {a.path for a in MlflowClient(study.tracking_uri).list_artifacts(study.parent_run_id)}
+
+
+def test_hand_started_workers_leave_the_figures_to_the_last_one_to_end(
+        tracking_uri: str, tmp_path) -> None:
+    # Workers started by hand on one study each drew the parent's figures over the whole
+    # study at the end of their search (about 1.5 s of CPU each): the one that ends while
+    # another's trial still runs leaves them to that one, whose end draws them over more.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    first = omn.create_study("shared", storage=storage, tracking_uri=tracking_uri,
+                             sampler="random", seed=0)
+    other_worker = optuna.load_study(study_name="shared", storage=storage)
+    running: list[optuna.Trial] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        if not running:  # another worker takes a trial while this search runs
+            running.append(other_worker.ask())
+        return trial.suggest_float("x", -1.0, 1.0) ** 2
+
+    first.optimize(objective, n_trials=3)
+    files = _parent_files(first)
+    assert "trials.csv" in files and not files & FIGURES  # the summary, without figures
+    assert MlflowClient(tracking_uri).get_run(first.parent_run_id).data.metrics["n_complete"] == 3
+
+    other_worker.tell(running[0], 0.5)  # the other worker ends its search: it draws them
+    second = omn.load_study("shared", storage, tracking_uri=tracking_uri)
+    second.optimize(lambda t: t.suggest_float("x", -1.0, 1.0) ** 2, n_trials=1)
+    assert FIGURES <= _parent_files(second)
+
+
+def test_a_trial_left_running_before_the_search_does_not_hold_back_its_figures(
+        tracking_uri: str, tmp_path) -> None:
+    # A worker that died mid-trial earlier (no heartbeats) left it RUNNING for good.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = omn.create_study("died", storage=storage, tracking_uri=tracking_uri, seed=0)
+    optuna.load_study(study_name="died", storage=storage).ask()
+    study.optimize(lambda t: t.suggest_float("x", -1.0, 1.0) ** 2, n_trials=2)
+    assert FIGURES <= _parent_files(study)
+
+
+def test_a_trial_running_far_longer_than_the_others_is_taken_for_a_dead_workers() -> None:
+    from datetime import datetime
+    from datetime import timedelta
+
+    from optuna.trial import FrozenTrial
+    from optuna.trial import TrialState
+
+    from optuna_mlflow_nested.tracking.figures import left_to_another_process
+
+    now = datetime.now()
+
+    def trial(number: int, started: float, ended: float | None) -> FrozenTrial:
+        state = TrialState.RUNNING if ended is None else TrialState.COMPLETE
+        return FrozenTrial(
+            number=number, trial_id=number, state=state,
+            value=None if ended is None else 1.0, values=None, params={}, distributions={},
+            datetime_start=now - timedelta(seconds=started), user_attrs={}, system_attrs={},
+            datetime_complete=None if ended is None else now - timedelta(seconds=ended),
+            intermediate_values={})
+
+    began = (now - timedelta(seconds=600)).timestamp()  # a search of ten minutes
+    for running_for, longest, waits in [(30, 1, True), (90, 1, False), (90, 10, True),
+                                        (700, 1, False)]:  # (700: from before the search)
+        study = optuna.create_study()
+        study.add_trial(trial(0, 300, 300 - longest))
+        study.add_trial(trial(1, running_for, None))
+        assert left_to_another_process(study, began) is waits, (running_for, longest)

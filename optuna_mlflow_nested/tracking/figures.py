@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import contextlib
+import datetime
 import io
 import logging
 import threading
@@ -77,6 +78,30 @@ def log_figures(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
                 plt.close(figure)
             except Exception as exc:
                 _logger.warning("could not draw %s: %s", name, redact_secrets(exc))
+
+
+def left_to_another_process(study: optuna.Study, began: float) -> bool:
+    """Whether another process is still running trials of ``study`` that started after
+    ``began`` (this search's start, ``time.time()``): hand-started workers of one study.
+
+    Its search ends later and draws the figures over more trials, so this search's end
+    leaves them to it: each worker drew them over the whole study, the largest part of
+    what a worker process costs beyond its trials (``benchmarks/RESULTS.md``). A trial
+    running for longer than ten times the longest one finished since ``began`` (and
+    longer than a minute) is taken for one whose process died: not waited for.
+    """
+    since = datetime.datetime.fromtimestamp(began)
+    now = datetime.datetime.now()
+
+    def start(trial: optuna.trial.FrozenTrial) -> datetime.datetime | None:
+        when = trial.datetime_start  # naive local time in Optuna's storages
+        return when.astimezone().replace(tzinfo=None) if when and when.tzinfo else when
+
+    recent = [t for t in study.get_trials(deepcopy=False) if (start(t) or since) > since]
+    longest = max((t.duration.total_seconds() for t in recent
+                   if t.state.is_finished() and t.duration is not None), default=0.0)
+    return any(t.state == TrialState.RUNNING and (now - start(t)).total_seconds()  # type: ignore[operator]
+               <= max(60.0, 10 * longest) for t in recent)
 
 
 def trials_snapshot(study: optuna.Study) -> dict[str, Any]:

@@ -77,8 +77,7 @@ def running_best(study: optuna.Study, trials: list[FrozenTrial]) -> list[tuple[i
     if len(study.directions) != 1:
         return []
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-    best = math.inf
-    history = []
+    best, history = math.inf, []
     for trial in sorted(trials, key=lambda t: t.number):
         if trial.state == TrialState.COMPLETE and trial.value is not None:
             best = min(best, sign * trial.value)
@@ -184,8 +183,7 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
     searches): ``best_value`` only where it improves, parameter importances as
     metrics, and figures only up to :data:`FIGURE_LIMIT` trials.
     """
-    trials = study.get_trials(deepcopy=False)
-    now = int(time.time() * 1000)
+    trials, now = study.get_trials(deepcopy=False), int(time.time() * 1000)
     logged = {m.step for m in client.get_metric_history(run_id, "best_value")}
     history = running_best(study, trials)
     if compact:
@@ -308,11 +306,13 @@ class SearchEnd:
 
     Optuna's storage holds the results: a tracking server that is away must not turn a
     finished search into an exception (a warning says what could not be written, and
-    the steps after it are skipped).
+    the steps after it are skipped). ``others_may_run`` (no executor: other processes may
+    be running the study, as hand-started workers do): the last to end draws the figures.
     """
 
-    def __init__(self, study: Any) -> None:
+    def __init__(self, study: Any, *, others_may_run: bool = False) -> None:
         self.study = study
+        self.began = time.time() if others_may_run else None
         self.client = get_client(study.tracking_uri)
         self.compact = study.trial_runs is not None
         self._summary: bool | None = None  # written early: True, or failed (warned)
@@ -383,13 +383,14 @@ class SearchEnd:
         if self._summary is False:  # failed (warned): reconcile, as before the summary
             self._step(study.reconcile)
             return None
+        due = self.began is None or not figures.left_to_another_process(study, self.began)
         # Big searches (compact) use no writer process: their figures are drawn here.
-        pending = None if self.compact else figures.start_elsewhere(
+        pending = None if self.compact or not due else figures.start_elsewhere(
             self.client, study.tracking_uri, run_id, study)
         steps: list[Callable[[], Any]] = [study.reconcile]
         if self._summary is None:
-            steps.append(lambda: self._log_summary(figures=pending is None))
-        elif pending is None:  # written early, and the writer process cannot draw them
+            steps.append(lambda: self._log_summary(figures=due and pending is None))
+        elif due and pending is None:  # written early, the writer process cannot draw them
             steps.append(lambda: log_parent_figures(self.client, run_id, study))
         if status is not None:
             steps.append(lambda: set_run_status(self.client, run_id, status))
