@@ -376,8 +376,8 @@ class NestedStudy(optuna.Study):
         a second later, also if this process exits or is killed first.
 
         Returns:
-            ``True`` when they are logged (or none were due), ``False`` if still being
-            drawn after ``timeout`` seconds.
+            ``True`` when they are logged or not due here (none, or another worker's search
+            ends later and draws them), ``False`` if still being drawn after ``timeout`` s.
         """
         pending = self._figures_pending
         if pending is not None and pending(timeout):

@@ -172,6 +172,27 @@ def test_hand_started_workers_leave_the_figures_to_the_last_one_to_end(
     assert FIGURES <= _parent_files(second)
 
 
+def test_figures_left_to_a_worker_that_was_killed_are_drawn_by_sync(
+        tracking_uri: str, tmp_path) -> None:
+    from optuna_mlflow_nested.cli import main
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = omn.create_study("killed", storage=storage, tracking_uri=tracking_uri, seed=0)
+    other_worker = optuna.load_study(study_name="killed", storage=storage)
+    killed: list[optuna.Trial] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        if not killed:  # another worker takes a trial, and never ends it
+            killed.append(other_worker.ask())
+        return trial.suggest_float("x", -1.0, 1.0) ** 2
+
+    study.optimize(objective, n_trials=2)
+    assert not _parent_files(study) & FIGURES
+    assert main(["sync", "--spool", str(tmp_path / "spool.jsonl"), "--study-name", "killed",
+                 "--storage", storage, "--tracking-uri", tracking_uri]) == 0
+    assert FIGURES <= _parent_files(study)
+
+
 def test_a_trial_left_running_before_the_search_does_not_hold_back_its_figures(
         tracking_uri: str, tmp_path) -> None:
     # A worker that died mid-trial earlier (no heartbeats) left it RUNNING for good.
