@@ -336,8 +336,8 @@ def _tune(
                            show_progress_bar=show_progress_bar)
     if not finish:
         return study
-    # The finish starts from a whole parent: the search's figures drawn, or their failure
-    # (a server gone) said now rather than in the middle of the finish's own output.
+    # The finish starts from a whole parent: the search's figures drawn (if due here), or
+    # their failure (a server gone) said now rather than in the middle of the finish's output.
     study.wait_for_figures()
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         raise RuntimeError(f"study {study.study_name!r} has no completed trial to finish with")

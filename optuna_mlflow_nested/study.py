@@ -369,15 +369,15 @@ class NestedStudy(optuna.Study):
         return mended
 
     def wait_for_figures(self, timeout: float = 300.0) -> bool:
-        """Wait until the parent run has the figures of the last ``optimize``.
+        """Wait until the parent run has the figures of the last ``optimize``, if due.
 
-        ``optimize`` returns once every trial's run and the parent's summary are
-        written; the two figures are drawn in the writer process and land a fraction of
-        a second later, also if this process exits or is killed first.
+        ``optimize`` returns once every trial's run and the parent's summary are written;
+        the figures are drawn in the writer process and land a fraction of a second later,
+        also if this process exits or is killed first. None are due after a search that
+        ends while another worker's search of the study runs a trial: that one draws them.
 
         Returns:
-            ``True`` when they are logged or not due here (none, or another worker's search
-            ends later and draws them), ``False`` if still being drawn after ``timeout`` s.
+            ``True`` when they are logged or none are due; ``False`` if still drawn after ``timeout`` s.
         """
         pending = self._figures_pending
         if pending is not None and pending(timeout):

@@ -148,28 +148,74 @@ def _parent_files(study: omn.NestedStudy) -> set[str]:
 def test_hand_started_workers_leave_the_figures_to_the_last_one_to_end(
         tracking_uri: str, tmp_path) -> None:
     # Workers started by hand on one study each drew the parent's figures over the whole
-    # study at the end of their search (about 1.5 s of CPU each): the one that ends while
-    # another's trial still runs leaves them to that one, whose end draws them over more.
+    # study at the end of their search: the one that ends while another's trial still
+    # runs leaves them to that one, whose end draws them over more trials. (Two searches
+    # in two threads here, as two processes would run them; each has its own study.)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     first = omn.create_study("shared", storage=storage, tracking_uri=tracking_uri,
                              sampler="random", seed=0)
-    other_worker = optuna.load_study(study_name="shared", storage=storage)
+    second = omn.load_study("shared", storage, tracking_uri=tracking_uri)
+    second_running, first_ended = threading.Event(), threading.Event()
+
+    def second_objective(trial: optuna.Trial) -> float:
+        second_running.set()
+        assert first_ended.wait(timeout=120)  # runs until the first search has ended
+        return trial.suggest_float("x", -1.0, 1.0) ** 2
+
+    other = threading.Thread(target=second.optimize, args=(second_objective, 1))
+
+    def first_objective(trial: optuna.Trial) -> float:
+        if not other.is_alive() and not second_running.is_set():  # the other worker starts
+            other.start()
+            assert second_running.wait(timeout=120)
+        return trial.suggest_float("x", -1.0, 1.0) ** 2
+
+    first.optimize(first_objective, n_trials=3)
+    files = _parent_files(first)
+    assert "trials.csv" in files and not files & FIGURES  # the summary, without figures
+    first_ended.set()
+    other.join(timeout=120)
+    assert not other.is_alive()
+    assert FIGURES <= _parent_files(second)
+    parent = MlflowClient(tracking_uri).get_run(first.parent_run_id)
+    assert parent.data.metrics["n_complete"] == 4 and parent.info.status == "FINISHED"
+
+
+def test_a_plain_optuna_workers_running_trial_does_not_hold_back_the_figures(
+        tracking_uri: str, tmp_path) -> None:
+    # A plain Optuna worker (or ask without tell) never draws them: not waited for.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = omn.create_study("plain", storage=storage, tracking_uri=tracking_uri, seed=0)
+    plain_worker = optuna.load_study(study_name="plain", storage=storage)
     running: list[optuna.Trial] = []
 
     def objective(trial: optuna.Trial) -> float:
-        if not running:  # another worker takes a trial while this search runs
-            running.append(other_worker.ask())
+        if not running:
+            running.append(plain_worker.ask())
         return trial.suggest_float("x", -1.0, 1.0) ** 2
 
-    first.optimize(objective, n_trials=3)
-    files = _parent_files(first)
-    assert "trials.csv" in files and not files & FIGURES  # the summary, without figures
-    assert MlflowClient(tracking_uri).get_run(first.parent_run_id).data.metrics["n_complete"] == 3
+    study.optimize(objective, n_trials=2)
+    assert FIGURES <= _parent_files(study)
 
-    other_worker.tell(running[0], 0.5)  # the other worker ends its search: it draws them
-    second = omn.load_study("shared", storage, tracking_uri=tracking_uri)
-    second.optimize(lambda t: t.suggest_float("x", -1.0, 1.0) ** 2, n_trials=1)
-    assert FIGURES <= _parent_files(second)
+
+def test_an_interrupted_search_draws_its_figures_though_another_workers_trial_runs(
+        tracking_uri: str, tmp_path) -> None:
+    # A search that did not finish may leave its own trial RUNNING (a Ctrl-C outside the
+    # objective): it does not wait for anyone.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = omn.create_study("stopped", storage=storage, tracking_uri=tracking_uri, seed=0)
+    other_worker = omn.load_study("stopped", storage, tracking_uri=tracking_uri)
+
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number == 0:
+            other_worker.ask()  # another worker's trial, running on
+        if trial.number == 3:  # (1: the other worker's)
+            raise KeyboardInterrupt
+        return trial.suggest_float("x", -1.0, 1.0) ** 2
+
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(objective, n_trials=5)
+    assert FIGURES <= _parent_files(study)
 
 
 def test_figures_left_to_a_worker_that_was_killed_are_drawn_by_sync(
@@ -178,7 +224,7 @@ def test_figures_left_to_a_worker_that_was_killed_are_drawn_by_sync(
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = omn.create_study("killed", storage=storage, tracking_uri=tracking_uri, seed=0)
-    other_worker = optuna.load_study(study_name="killed", storage=storage)
+    other_worker = omn.load_study("killed", storage, tracking_uri=tracking_uri)
     killed: list[optuna.Trial] = []
 
     def objective(trial: optuna.Trial) -> float:
@@ -198,35 +244,40 @@ def test_a_trial_left_running_before_the_search_does_not_hold_back_its_figures(
     # A worker that died mid-trial earlier (no heartbeats) left it RUNNING for good.
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = omn.create_study("died", storage=storage, tracking_uri=tracking_uri, seed=0)
-    optuna.load_study(study_name="died", storage=storage).ask()
+    omn.load_study("died", storage, tracking_uri=tracking_uri).ask()
     study.optimize(lambda t: t.suggest_float("x", -1.0, 1.0) ** 2, n_trials=2)
     assert FIGURES <= _parent_files(study)
 
 
-def test_a_trial_running_far_longer_than_the_others_is_taken_for_a_dead_workers() -> None:
+def test_a_trial_running_far_longer_than_the_others_is_taken_for_a_dead_workers(
+        tracking_uri: str) -> None:
     from datetime import datetime
     from datetime import timedelta
 
     from optuna.trial import FrozenTrial
     from optuna.trial import TrialState
 
-    from optuna_mlflow_nested.tracking.figures import left_to_another_process
+    from optuna_mlflow_nested.tracking.figures import left_to_another_search
 
     now = datetime.now()
 
-    def trial(number: int, started: float, ended: float | None) -> FrozenTrial:
+    def trial(started: float, ended: float | None) -> FrozenTrial:
         state = TrialState.RUNNING if ended is None else TrialState.COMPLETE
         return FrozenTrial(
-            number=number, trial_id=number, state=state,
+            number=0, trial_id=0, state=state,
             value=None if ended is None else 1.0, values=None, params={}, distributions={},
             datetime_start=now - timedelta(seconds=started), user_attrs={}, system_attrs={},
             datetime_complete=None if ended is None else now - timedelta(seconds=ended),
             intermediate_values={})
 
     began = (now - timedelta(seconds=600)).timestamp()  # a search of ten minutes
-    for running_for, longest, waits in [(30, 1, True), (90, 1, False), (90, 10, True),
-                                        (700, 1, False)]:  # (700: from before the search)
-        study = optuna.create_study()
-        study.add_trial(trial(0, 300, 300 - longest))
-        study.add_trial(trial(1, running_for, None))
-        assert left_to_another_process(study, began) is waits, (running_for, longest)
+    # (seconds the other trial has run, the longest finished trial, whether it waits)
+    for i, (running_for, longest, waits) in enumerate([
+            (30, 1, True), (90, 1, False), (90, 10, True),
+            (650, 100, False),  # started before the search
+            (-3600, 1, False)]):  # an hour in the future: another host's clock
+        study = omn.create_study(f"window-{i}", tracking_uri=tracking_uri)
+        study.add_trial(trial(300, 300 - longest))
+        study.add_trial(trial(running_for, None))  # (a run: asked through this project)
+        assert left_to_another_search(study, began, "FINISHED") is waits, (running_for, longest)
+        assert not left_to_another_search(study, began, "KILLED")

@@ -18,7 +18,14 @@ from optuna.trial import TrialState
 from optuna_mlflow_nested._utils import redact_secrets
 
 _logger = logging.getLogger(__name__)
+#: Above this many trials, a compact summary (``trial_runs=K``) draws no figures.
+FIGURE_LIMIT = 1000
 _figure_imports: threading.Thread | None = None
+
+
+def figures_wanted(n_trials: int, compact: bool) -> bool:
+    """Whether the summary of a search with ``n_trials`` trials draws the figures."""
+    return n_trials > 0 and (not compact or n_trials <= FIGURE_LIMIT)
 
 
 def warm_up_figures() -> None:
@@ -80,28 +87,46 @@ def log_figures(client: MlflowClient, run_id: str, study: optuna.Study) -> None:
                 _logger.warning("could not draw %s: %s", name, redact_secrets(exc))
 
 
-def left_to_another_process(study: optuna.Study, began: float) -> bool:
-    """Whether another process is still running trials of ``study`` that started after
-    ``began`` (this search's start, ``time.time()``): hand-started workers of one study.
+def left_to_another_search(study: Any, began: float, status: str | None) -> bool:
+    """Whether the end of a search of ``study`` without an executor, begun at ``began``
+    (``time.time()``), leaves the parent's figures to another process's search.
 
-    Its search ends later and draws the figures over more trials, so this search's end
-    leaves them to it: each worker drew them over the whole study, the largest part of
-    what a worker process costs beyond its trials (``benchmarks/RESULTS.md``). A trial
-    running for longer than ten times the longest one finished since ``began`` (and
-    longer than a minute) is taken for one whose process died: not waited for.
+    Hand-started workers of one study each drew them over the whole study at their end,
+    the largest part of what a worker process costs beyond its trials
+    (``benchmarks/RESULTS.md``): Matplotlib, and scikit-learn, which Optuna's importance
+    module imports, in its writer process. ``True`` when the search finished (``status``
+    FINISHED) and a trial asked through this project (it has a run) that started during
+    it is still RUNNING: that trial's search ends later and draws them over more trials.
+    A trial running for longer than ten times the longest that started since ``began``
+    and finished (and a minute), or that started over a minute in the future (another
+    host's clock), is taken for one whose process died; on any error, ``False``.
     """
-    since = datetime.datetime.fromtimestamp(began)
-    now = datetime.datetime.now()
+    if status != "FINISHED":
+        return False  # interrupted: a trial of this search may be left RUNNING
+    try:
+        since, now = datetime.datetime.fromtimestamp(began), datetime.datetime.now()
 
-    def start(trial: optuna.trial.FrozenTrial) -> datetime.datetime | None:
-        when = trial.datetime_start  # naive local time in Optuna's storages
-        return when.astimezone().replace(tzinfo=None) if when and when.tzinfo else when
+        def start(trial: optuna.trial.FrozenTrial) -> datetime.datetime:
+            when = trial.datetime_start or since  # naive local time in Optuna's storages
+            return when.astimezone().replace(tzinfo=None) if when.tzinfo else when
 
-    recent = [t for t in study.get_trials(deepcopy=False) if (start(t) or since) > since]
-    longest = max((t.duration.total_seconds() for t in recent
-                   if t.state.is_finished() and t.duration is not None), default=0.0)
-    return any(t.state == TrialState.RUNNING and (now - start(t)).total_seconds()  # type: ignore[operator]
-               <= max(60.0, 10 * longest) for t in recent)
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if start(t) > since]
+        if not running:  # (most ends: no more reads)
+            return False
+        asked_here = study.run_ids()  # not a plain Optuna worker's, which draws none
+        finished = study.get_trials(deepcopy=False, states=_FINISHED)
+        longest = max((t.duration.total_seconds() for t in finished
+                       if start(t) > since and t.duration is not None), default=0.0)
+        window = max(60.0, 10 * longest)
+        return any(t.number in asked_here and -60.0 <= (now - start(t)).total_seconds() <= window
+                   for t in running)
+    except Exception as exc:  # a figure too many rather than none
+        _logger.debug("figures drawn here: %s", redact_secrets(exc))
+        return False
+
+
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def trials_snapshot(study: optuna.Study) -> dict[str, Any]:
@@ -139,7 +164,6 @@ def start_elsewhere(client: MlflowClient, tracking_uri: str, run_id: str,
     exited or was killed meanwhile (it reads the end of its pipe, then finishes what
     it was sent).
     """
-    from optuna_mlflow_nested.tracking.parent import figures_wanted
     from optuna_mlflow_nested.tracking.process_session import uses_writer_process
     from optuna_mlflow_nested.tracking.writer_process import WriterProcess
 

@@ -29,6 +29,8 @@ from optuna_mlflow_nested._utils import tag_value
 from optuna_mlflow_nested.tracking.clients import get_client
 from optuna_mlflow_nested.tracking.clients import set_run_status
 from optuna_mlflow_nested.tracking.delivery import batches
+from optuna_mlflow_nested.tracking.figures import figures_wanted
+from optuna_mlflow_nested.tracking.figures import log_figures
 from optuna_mlflow_nested.tracking.records import ROLE_TAG
 from optuna_mlflow_nested.tracking.records import STUDY_TAG
 from optuna_mlflow_nested.tracking.warm_up import start_end_reads
@@ -77,7 +79,8 @@ def running_best(study: optuna.Study, trials: list[FrozenTrial]) -> list[tuple[i
     if len(study.directions) != 1:
         return []
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-    best, history = math.inf, []
+    best = math.inf
+    history = []
     for trial in sorted(trials, key=lambda t: t.number):
         if trial.state == TrialState.COMPLETE and trial.value is not None:
             best = min(best, sign * trial.value)
@@ -162,15 +165,6 @@ def refresh_description(client: MlflowClient, run_id: str, study: optuna.Study,
     client.set_tag(run_id, DESCRIPTION_TAG, _description(study, trials, best, run_ids, tags))
 
 
-#: Above this many trials, a compact summary (``trial_runs=K``) draws no figures.
-FIGURE_LIMIT = 1000
-
-
-def figures_wanted(n_trials: int, compact: bool) -> bool:
-    """Whether the summary of a search with ``n_trials`` trials draws the figures."""
-    return n_trials > 0 and (not compact or n_trials <= FIGURE_LIMIT)
-
-
 def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
                        run_ids: dict[int, str], figures: bool = True,
                        compact: bool = False) -> None:
@@ -181,9 +175,10 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
     logged are added to it, so calling this after each
     ``optimize`` (or from several workers) never duplicates history. ``compact`` (big
     searches): ``best_value`` only where it improves, parameter importances as
-    metrics, and figures only up to :data:`FIGURE_LIMIT` trials.
+    metrics, and figures only up to :data:`~.figures.FIGURE_LIMIT` trials.
     """
-    trials, now = study.get_trials(deepcopy=False), int(time.time() * 1000)
+    trials = study.get_trials(deepcopy=False)
+    now = int(time.time() * 1000)
     logged = {m.step for m in client.get_metric_history(run_id, "best_value")}
     history = running_best(study, trials)
     if compact:
@@ -237,8 +232,6 @@ def log_parent_figures(client: MlflowClient, run_id: str, study: optuna.Study,
                        compact: bool = False) -> None:
     """The parent's two figures, drawn in this process, if the search is due any."""
     if figures_wanted(len(study.get_trials(deepcopy=False)), compact):
-        from optuna_mlflow_nested.tracking.figures import log_figures
-
         log_figures(client, run_id, study)
 
 
@@ -383,7 +376,7 @@ class SearchEnd:
         if self._summary is False:  # failed (warned): reconcile, as before the summary
             self._step(study.reconcile)
             return None
-        due = self.began is None or not figures.left_to_another_process(study, self.began)
+        due = self.began is None or not figures.left_to_another_search(study, self.began, status)
         # Big searches (compact) use no writer process: their figures are drawn here.
         pending = None if self.compact or not due else figures.start_elsewhere(
             self.client, study.tracking_uri, run_id, study)
