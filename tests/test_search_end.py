@@ -145,6 +145,19 @@ def _parent_files(study: omn.NestedStudy) -> set[str]:
     return {a.path for a in MlflowClient(study.tracking_uri).list_artifacts(study.parent_run_id)}
 
 
+def _asks_once_then_squares(other_worker: optuna.Study, stop_at: int | None = None):
+    """An objective whose first trial makes ``other_worker`` ask a trial and leave it
+    RUNNING (another worker's trial, running on); trial ``stop_at`` is a Ctrl-C."""
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number == 0:
+            other_worker.ask()
+        if trial.number == stop_at:
+            raise KeyboardInterrupt
+        return trial.suggest_float("x", -1.0, 1.0) ** 2
+
+    return objective
+
+
 def test_hand_started_workers_leave_the_figures_to_the_last_one_to_end(
         tracking_uri: str, tmp_path) -> None:
     # Workers started by hand on one study each drew the parent's figures over the whole
@@ -187,14 +200,7 @@ def test_a_plain_optuna_workers_running_trial_does_not_hold_back_the_figures(
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = omn.create_study("plain", storage=storage, tracking_uri=tracking_uri, seed=0)
     plain_worker = optuna.load_study(study_name="plain", storage=storage)
-    running: list[optuna.Trial] = []
-
-    def objective(trial: optuna.Trial) -> float:
-        if not running:
-            running.append(plain_worker.ask())
-        return trial.suggest_float("x", -1.0, 1.0) ** 2
-
-    study.optimize(objective, n_trials=2)
+    study.optimize(_asks_once_then_squares(plain_worker), n_trials=2)
     assert FIGURES <= _parent_files(study)
 
 
@@ -205,16 +211,8 @@ def test_an_interrupted_search_draws_its_figures_though_another_workers_trial_ru
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = omn.create_study("stopped", storage=storage, tracking_uri=tracking_uri, seed=0)
     other_worker = omn.load_study("stopped", storage, tracking_uri=tracking_uri)
-
-    def objective(trial: optuna.Trial) -> float:
-        if trial.number == 0:
-            other_worker.ask()  # another worker's trial, running on
-        if trial.number == 3:  # (1: the other worker's)
-            raise KeyboardInterrupt
-        return trial.suggest_float("x", -1.0, 1.0) ** 2
-
-    with pytest.raises(KeyboardInterrupt):
-        study.optimize(objective, n_trials=5)
+    with pytest.raises(KeyboardInterrupt):  # (trial 1 is the other worker's)
+        study.optimize(_asks_once_then_squares(other_worker, stop_at=3), n_trials=5)
     assert FIGURES <= _parent_files(study)
 
 
@@ -224,15 +222,8 @@ def test_figures_left_to_a_worker_that_was_killed_are_drawn_by_sync(
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = omn.create_study("killed", storage=storage, tracking_uri=tracking_uri, seed=0)
-    other_worker = omn.load_study("killed", storage, tracking_uri=tracking_uri)
-    killed: list[optuna.Trial] = []
-
-    def objective(trial: optuna.Trial) -> float:
-        if not killed:  # another worker takes a trial, and never ends it
-            killed.append(other_worker.ask())
-        return trial.suggest_float("x", -1.0, 1.0) ** 2
-
-    study.optimize(objective, n_trials=2)
+    killed_worker = omn.load_study("killed", storage, tracking_uri=tracking_uri)
+    study.optimize(_asks_once_then_squares(killed_worker), n_trials=2)
     assert not _parent_files(study) & FIGURES
     assert main(["sync", "--spool", str(tmp_path / "spool.jsonl"), "--study-name", "killed",
                  "--storage", storage, "--tracking-uri", tracking_uri]) == 0
