@@ -158,6 +158,16 @@ def _asks_once_then_squares(other_worker: optuna.Study, stop_at: int | None = No
     return objective
 
 
+def _with_another_worker(name: str, tracking_uri: str, tmp_path, plain: bool = False):
+    """A study on a SQLite storage file, another worker's handle on it (this project's,
+    or plain Optuna's), and the storage URL."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = omn.create_study(name, storage=storage, tracking_uri=tracking_uri, seed=0)
+    other = (optuna.load_study(study_name=name, storage=storage) if plain
+             else omn.load_study(name, storage, tracking_uri=tracking_uri))
+    return study, other, storage
+
+
 def test_hand_started_workers_leave_the_figures_to_the_last_one_to_end(
         tracking_uri: str, tmp_path) -> None:
     # Workers started by hand on one study each drew the parent's figures over the whole
@@ -197,9 +207,7 @@ def test_hand_started_workers_leave_the_figures_to_the_last_one_to_end(
 def test_a_plain_optuna_workers_running_trial_does_not_hold_back_the_figures(
         tracking_uri: str, tmp_path) -> None:
     # A plain Optuna worker (or ask without tell) never draws them: not waited for.
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = omn.create_study("plain", storage=storage, tracking_uri=tracking_uri, seed=0)
-    plain_worker = optuna.load_study(study_name="plain", storage=storage)
+    study, plain_worker, _ = _with_another_worker("plain", tracking_uri, tmp_path, plain=True)
     study.optimize(_asks_once_then_squares(plain_worker), n_trials=2)
     assert FIGURES <= _parent_files(study)
 
@@ -208,9 +216,7 @@ def test_an_interrupted_search_draws_its_figures_though_another_workers_trial_ru
         tracking_uri: str, tmp_path) -> None:
     # A search that did not finish may leave its own trial RUNNING (a Ctrl-C outside the
     # objective): it does not wait for anyone.
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = omn.create_study("stopped", storage=storage, tracking_uri=tracking_uri, seed=0)
-    other_worker = omn.load_study("stopped", storage, tracking_uri=tracking_uri)
+    study, other_worker, _ = _with_another_worker("stopped", tracking_uri, tmp_path)
     with pytest.raises(KeyboardInterrupt):  # (trial 1 is the other worker's)
         study.optimize(_asks_once_then_squares(other_worker, stop_at=3), n_trials=5)
     assert FIGURES <= _parent_files(study)
@@ -220,9 +226,7 @@ def test_figures_left_to_a_worker_that_was_killed_are_drawn_by_sync(
         tracking_uri: str, tmp_path) -> None:
     from optuna_mlflow_nested.cli import main
 
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = omn.create_study("killed", storage=storage, tracking_uri=tracking_uri, seed=0)
-    killed_worker = omn.load_study("killed", storage, tracking_uri=tracking_uri)
+    study, killed_worker, storage = _with_another_worker("killed", tracking_uri, tmp_path)
     study.optimize(_asks_once_then_squares(killed_worker), n_trials=2)
     assert not _parent_files(study) & FIGURES
     assert main(["sync", "--spool", str(tmp_path / "spool.jsonl"), "--study-name", "killed",
@@ -233,9 +237,8 @@ def test_figures_left_to_a_worker_that_was_killed_are_drawn_by_sync(
 def test_a_trial_left_running_before_the_search_does_not_hold_back_its_figures(
         tracking_uri: str, tmp_path) -> None:
     # A worker that died mid-trial earlier (no heartbeats) left it RUNNING for good.
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = omn.create_study("died", storage=storage, tracking_uri=tracking_uri, seed=0)
-    omn.load_study("died", storage, tracking_uri=tracking_uri).ask()
+    study, dead_worker, _ = _with_another_worker("died", tracking_uri, tmp_path)
+    dead_worker.ask()
     study.optimize(lambda t: t.suggest_float("x", -1.0, 1.0) ** 2, n_trials=2)
     assert FIGURES <= _parent_files(study)
 

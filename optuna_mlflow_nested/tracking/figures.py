@@ -103,30 +103,22 @@ def left_to_another_search(study: Any, began: float, status: str | None) -> bool
     """
     if status != "FINISHED":
         return False  # interrupted: a trial of this search may be left RUNNING
-    try:
+    try:  # (Optuna's storages give naive local times)
         since, now = datetime.datetime.fromtimestamp(began), datetime.datetime.now()
-
-        def start(trial: optuna.trial.FrozenTrial) -> datetime.datetime:
-            when = trial.datetime_start or since  # naive local time in Optuna's storages
-            return when.astimezone().replace(tzinfo=None) if when.tzinfo else when
-
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if start(t) > since]
+                   if t.datetime_start is not None and t.datetime_start > since]
         if not running:  # (most ends: no more reads)
             return False
         asked_here = study.run_ids()  # not a plain Optuna worker's, which draws none
-        finished = study.get_trials(deepcopy=False, states=_FINISHED)
-        longest = max((t.duration.total_seconds() for t in finished
-                       if start(t) > since and t.duration is not None), default=0.0)
+        longest = max((t.duration.total_seconds() for t in study.get_trials(deepcopy=False)
+                       if t.duration is not None and t.datetime_start > since), default=0.0)
         window = max(60.0, 10 * longest)
-        return any(t.number in asked_here and -60.0 <= (now - start(t)).total_seconds() <= window
+        return any(t.number in asked_here
+                   and -60.0 <= (now - t.datetime_start).total_seconds() <= window
                    for t in running)
     except Exception as exc:  # a figure too many rather than none
         _logger.debug("figures drawn here: %s", redact_secrets(exc))
         return False
-
-
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def trials_snapshot(study: optuna.Study) -> dict[str, Any]:
