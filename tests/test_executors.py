@@ -10,6 +10,7 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import ThreadPoolExecutor
+import gc
 import os
 from pathlib import Path
 import re
@@ -548,6 +549,56 @@ def test_submitit_local_executor(tmp_path: Path, tracking_uri: str) -> None:
         study.optimize(objective, n_trials=6, executor=executor)
     study.optimize(objective, n_trials=6, executor=executor, n_workers=2)
     assert_tree(study, 6)
+
+
+def objective_watching_its_jobs_exit(folder: Path) -> Callable[[optuna.Trial], float]:
+    class FinalizedAtExit:  # local: cloudpickle sends it by value to the job
+        """Cyclic garbage whose finalizer leaves a file (a user's object with ``__del__``)."""
+
+        def __init__(self) -> None:
+            self.cycle = self
+
+        def __del__(self) -> None:
+            (folder / "finalized").write_text("finalized")
+
+    def objective(trial: optuna.Trial) -> float:
+        import atexit
+        import gc
+
+        import mlflow
+
+        if trial.number == 0:
+            # Registered before the project's own exit step, so it runs after it (LIFO).
+            atexit.register(lambda: (folder / "frozen").write_text(str(gc.get_freeze_count())))
+            gc.disable()  # only a collection at the exit can finalize this garbage
+            FinalizedAtExit()
+        x = trial.suggest_float("x", -2, 2)
+        mlflow.log_metric("inside", x)
+        return x * x
+
+    return objective
+
+
+@pytest.mark.slow
+def test_a_submitit_job_skips_the_final_collections_but_finalizes_garbage(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # optimize waits for each job's process to exit; the interpreter's last full
+    # collections over MLflow's and SQLAlchemy's objects took most of that. The job
+    # leaves the objects still alive out of them (gc.freeze, after one collection that
+    # finalizes what is already garbage, as the exit would have).
+    submitit = pytest.importorskip("submitit")
+    study = make_study(tmp_path, "submitit-exit", tracking_uri)
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=5)
+    frozen_here = gc.get_freeze_count()
+    study.optimize(objective_watching_its_jobs_exit(tmp_path), n_trials=2, executor=executor,
+                   n_workers=1)
+    assert_tree(study, 2)
+    assert int((tmp_path / "frozen").read_text()) > 0, "the job's objects were left to the exit"
+    assert (tmp_path / "finalized").read_text() == "finalized"
+    with ThreadPoolExecutor(1) as threads:  # its worker is this process: left as it is
+        study.optimize(quadratic, n_trials=1, executor=threads)
+    assert gc.get_freeze_count() == frozen_here
 
 
 @pytest.mark.slow

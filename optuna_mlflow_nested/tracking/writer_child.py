@@ -221,6 +221,7 @@ def main(argv: list[str]) -> None:
     # urllib3's retry warnings quiet, 'View run' links (with credentials) unprinted, as
     # in the parent while it optimizes (clients.short_http_retries), unless the user
     # set them.
+    from optuna_mlflow_nested._utils import prepare_quick_exit
     from optuna_mlflow_nested.tracking.clients import SHORT_HTTP_RETRIES
 
     for key, value in {**SHORT_HTTP_RETRIES, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}.items():
@@ -229,28 +230,7 @@ def main(argv: list[str]) -> None:
     receive = Connection(int(argv[0]), writable=False)
     reply = Connection(int(argv[1]), readable=False)
     _serve(receive, reply)
-    _close_databases()
-
-
-def _close_databases() -> None:
-    """Close the SQLAlchemy engines' connections; leave the rest of the exit to the OS.
-
-    Everything is delivered when ``_serve`` returns, and the user's process waits for
-    this one to exit. The interpreter's finalization would then spend most of a second
-    in full garbage collections over MLflow's, SQLAlchemy's and Matplotlib's objects.
-    What it did that matters is done here first: each engine closes its connections,
-    so that SQLite checkpoints and removes a WAL file. ``gc.freeze`` then keeps the
-    objects still alive out of those last collections.
-    """
-    import gc
-
-    engines = sys.modules.get("sqlalchemy.engine")
-    if engines is not None:
-        for candidate in gc.get_objects():
-            if isinstance(candidate, engines.Engine):
-                with contextlib.suppress(Exception):  # closing is best effort
-                    candidate.dispose()
-    gc.freeze()
+    prepare_quick_exit()  # everything is delivered, and the user's process waits for this exit
 
 
 if __name__ == "__main__":
