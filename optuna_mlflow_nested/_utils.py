@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 import contextlib
 import functools
 import gc
+import multiprocessing
 import re
 import sys
+import threading
 from typing import Any
 from typing import ParamSpec
 from typing import TypeVar
@@ -163,7 +166,36 @@ def prepare_quick_exit(*, collect_first: bool = False) -> None:
     engines = sys.modules.get("sqlalchemy.engine")
     if engines is not None:
         for candidate in gc.get_objects():
-            if isinstance(candidate, engines.Engine):
+            if issubclass(type(candidate), engines.Engine):  # no __class__ of a user's proxy
                 with contextlib.suppress(Exception):  # closing is best effort
                     candidate.dispose()
     gc.freeze()
+
+
+_quick_exit_registered = False
+
+
+def quick_exit_if_submitit_job() -> None:
+    """In a submitit job's process, end it quickly: :func:`prepare_quick_exit` at its exit.
+
+    Only where this task is the job's own: its main thread, in the process submitit
+    started (``python -m submitit.core._submit``, local or SLURM), which writes the
+    task's result and then exits. Not in processes a job spawned, nor in a thread pool.
+    """
+    global _quick_exit_registered
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if (_quick_exit_registered or getattr(main, "name", None) != "submitit.core._submit"
+            or multiprocessing.parent_process() is not None
+            or threading.current_thread() is not threading.main_thread()):
+        return
+    _quick_exit_registered = True
+    atexit.register(_flush_then_prepare_quick_exit)
+
+
+def _flush_then_prepare_quick_exit() -> None:
+    # Registered after the trackers' own exit flush, so it runs before it (LIFO):
+    # flush first, so that nothing is written through the engines after they close.
+    from optuna_mlflow_nested.tracking.tracker import _flush_at_exit
+
+    _flush_at_exit()
+    prepare_quick_exit(collect_first=True)

@@ -12,7 +12,6 @@ failed and its run ended FAILED before ``optimize`` returns; its spare runs are 
 
 from __future__ import annotations
 
-import atexit
 import collections
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -20,7 +19,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import os
-import sys
 import time
 from typing import TYPE_CHECKING
 from typing import Any
@@ -35,7 +33,7 @@ from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._executor_checks import resolve_workers
 from optuna_mlflow_nested._executor_checks import shared_storage
-from optuna_mlflow_nested._utils import prepare_quick_exit
+from optuna_mlflow_nested._utils import quick_exit_if_submitit_job
 from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested.tracking.delivery import equals_clause
 from optuna_mlflow_nested.tracking.delivery import search_equal
@@ -180,27 +178,9 @@ def run_worker(spec: WorkerSpec, task: int = 0) -> int:
         return _run_worker(spec)
     finally:
         in_executor_worker.reset(token)
-        if _in_submitit_job():
-            _quick_exit_once()
-
-
-def _in_submitit_job() -> bool:
-    """Whether this process is a submitit job's (``python -m submitit.core._submit``,
-    local or SLURM): it runs this one task, writes the result, then exits."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return getattr(spec, "name", None) == "submitit.core._submit"
-
-
-_quick_exit_registered = False
-
-
-def _quick_exit_once() -> None:
-    # submitit's job ends with the interpreter's exit, and optimize waits for that exit:
-    # its final collections took 0.4-0.6 s a job here (benchmarks/exit_time.py).
-    global _quick_exit_registered
-    if not _quick_exit_registered:
-        _quick_exit_registered = True
-        atexit.register(prepare_quick_exit, collect_first=True)
+        # optimize waits for a submitit job's process to exit: its last collections
+        # took a median 0.45 s more (benchmarks/exit_time.py --submitit).
+        quick_exit_if_submitit_job()
 
 
 def _run_worker(spec: WorkerSpec) -> int:

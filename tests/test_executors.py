@@ -29,6 +29,7 @@ from tests_support import free_port
 from tests_support import killing_a_worker_mid_trial
 
 import optuna_mlflow_nested as omn
+from optuna_mlflow_nested import _utils
 
 
 def quadratic(trial: optuna.Trial) -> float:
@@ -595,9 +596,11 @@ def test_a_submitit_job_skips_the_final_collections_but_finalizes_garbage(
                    n_workers=1)
     assert_tree(study, 2)
     assert int((tmp_path / "frozen").read_text()) > 0, "the job's objects were left to the exit"
+    # Without the collection before the freeze, this garbage would be frozen unfinalized.
     assert (tmp_path / "finalized").read_text() == "finalized"
     with ThreadPoolExecutor(1) as threads:  # its worker is this process: left as it is
         study.optimize(quadratic, n_trials=1, executor=threads)
+    assert not _utils._quick_exit_registered
     assert gc.get_freeze_count() == frozen_here
 
 
