@@ -1,4 +1,5 @@
-"""What an executor worker's claim of a queued trial costs, by the size of the budget.
+"""What an executor worker's claim of a queued trial costs, by the size of the budget,
+and (``--queue``) what queueing the budget costs before any worker starts.
 
 The budget of ``optimize(executor=...)`` is queued as WAITING trials. Taking one
 through Optuna's own pop (``Study._pop_waiting_trial_id``, what ``ask`` does, and what
@@ -6,7 +7,13 @@ workers did before) reads every unfinished trial of the study; ``_compat.claim_t
 takes a trial whose id the worker knows. Both on a SQLite storage, one process, the
 median of ``--claims`` claims (each trial told at once) per budget size.
 
-    python benchmarks/claim_cost.py [--queued 32,200,1000] [--claims 10]
+With ``--queue``: the budget of ``--queued`` WAITING trials added to a fresh SQLite
+study, one transaction per trial as Optuna adds them (``create_new_trial``), against
+``_compat.add_waiting_trials`` (since 2026-12-05, one transaction per chunk of 1,000 on
+RDB storages); both read the trials back once, as ``optimize`` does. Medians of
+``--claims`` rounds, alternated.
+
+    python benchmarks/claim_cost.py [--queued 32,200,1000] [--claims 10] [--queue]
 """
 
 from __future__ import annotations
@@ -46,12 +53,40 @@ def claim_ms(queued: int, claims: int, by_id: bool) -> float:
         return statistics.median(times) * 1000
 
 
+def queue_seconds(queued: int, chunked: bool) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        study = optuna.create_study(storage=f"sqlite:///{tmp}/optuna.db")
+        start = time.perf_counter()
+        if chunked:
+            added = _compat.add_waiting_trials(study, queued)
+        else:
+            template = create_trial(state=TrialState.WAITING)
+            for _ in range(queued):
+                study._storage.create_new_trial(study._study_id, template_trial=template)
+            added = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        seconds = time.perf_counter() - start
+        assert [t.number for t in added] == list(range(queued))
+        return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--queued", default="32,200,1000")
     parser.add_argument("--claims", type=int, default=10)
+    parser.add_argument("--queue", action="store_true", help="time queueing the budget instead")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.queue:
+        print("| queued trials | a transaction each (s) | add_waiting_trials (s) | ratio |")
+        print("| --- | --- | --- | --- |")
+        for queued in (int(n) for n in args.queued.split(",")):
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for round_ in range(args.claims):
+                for chunked in (False, True) if round_ % 2 == 0 else (True, False):
+                    times[chunked].append(queue_seconds(queued, chunked))
+            each, chunks = (statistics.median(times[c]) for c in (False, True))
+            print(f"| {queued} | {each:.3f} | {chunks:.3f} | {each / chunks:.1f}x |", flush=True)
+        return
     print("| queued trials | Optuna's pop (ms a claim) | claim by id (ms a claim) |")
     print("| --- | --- | --- |")
     for queued in (int(n) for n in args.queued.split(",")):

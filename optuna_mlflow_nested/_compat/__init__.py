@@ -19,6 +19,8 @@ import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
+from optuna_mlflow_nested._compat.trials import add_waiting_trials
+
 __all__ = [
     "active_run", "active_run_ids_of_all_threads", "add_trial", "add_waiting_trials", "claim_trial",
     "default_experiment_id", "executor_worker_count", "explicit_tracking_uri", "journal_file",
@@ -215,26 +217,6 @@ def add_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.tr
         )
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=trial)
     return study._storage.get_trial(trial_id)
-
-
-def add_waiting_trials(study: optuna.Study, n: int) -> list[optuna.trial.FrozenTrial]:
-    """``n`` bare WAITING trials added to ``study``, as added, in number order.
-
-    :func:`add_trial` reads each trial back after adding it (a transaction each); an
-    executor's budget of ``n`` trials is read back in one query instead. A trial another
-    process took meanwhile (Optuna's ask pops WAITING trials) is read on its own.
-    """
-    storage = study._storage
-    template = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING)
-    ids: list[int] = []
-    for _ in range(n):
-        ids.append(storage.create_new_trial(study._study_id, template_trial=template))
-    if not ids:
-        return []
-    wanted = set(ids)
-    found = {trial_id(t): t for t in study.get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.WAITING,)) if trial_id(t) in wanted}
-    return [found.get(i) or storage.get_trial(i) for i in ids]
 
 
 def never_create_sqlite_stores() -> None:
