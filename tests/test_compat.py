@@ -355,6 +355,32 @@ def test_add_waiting_trials_writes_a_chunk_per_transaction_numbered_as_optuna_do
     assert study.trials[-1].number == 33
 
 
+@pytest.mark.parametrize("committed", [False, True])
+def test_add_waiting_trials_whose_commit_raises_adds_each_chunk_once(
+        tmp_path: Path, committed: bool) -> None:
+    # Optuna retries a failed write; a commit that went through and then raised (a link
+    # lost as the server answered) must not add the chunk a second time.
+    failures: list[bool] = []
+
+    class LinkLostOnce(sqlite3.Connection):
+        def commit(self) -> None:
+            if failures == [False]:  # armed, not failed yet
+                failures[0] = True
+                if committed:
+                    super().commit()
+                raise sqlite3.OperationalError("link lost")
+            super().commit()
+
+    study = optuna.create_study(storage=optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        engine_kwargs={"connect_args": {"factory": LinkLostOnce}}))
+    failures.append(False)
+    added = _compat.add_waiting_trials(study, 12)
+    assert failures == [True]
+    assert [t.number for t in added] == list(range(12))
+    assert len(study.trials) == 12
+
+
 def test_add_waiting_trials_from_two_processes_at_once_numbers_each_trial_once(
         tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -372,8 +398,8 @@ def test_add_waiting_trials_from_two_processes_at_once_numbers_each_trial_once(
     for adder in adders:
         _, err = adder.communicate(timeout=120)
         assert adder.returncode == 0, err
-    numbers = [t.number for t in optuna.load_study(study_name="both", storage=url).trials]
-    assert sorted(numbers) == list(range(120))
+    trials = optuna.load_study(study_name="both", storage=url).trials
+    assert [t.number for t in sorted(trials, key=_compat.trial_id)] == list(range(120))
 
 
 def test_add_waiting_trials_reads_a_trial_another_worker_took_meanwhile_on_its_own(

@@ -1,7 +1,8 @@
 """Every touch of a private MLflow or Optuna name, each with why no public API does it.
 
-Each function here has a test in ``tests/test_compat.py`` that fails if a supported
-MLflow or Optuna version changes what it relies on.
+Each function here and in ``trials.py`` (an executor's budget added in chunks) has a
+test in ``tests/test_compat.py`` that fails if a supported MLflow or Optuna version
+changes what it relies on.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A budget of WAITING trials added at once: the queue of ``optimize(executor=...)``.
 
-Optuna adds each trial in a transaction of its own (``create_new_trial``), and has no
-public way to add several. On SQLite each is a commit with its own sync to disk, about
-3.5 ms a trial here, so a budget of thousands took seconds before any worker started.
+Optuna adds each trial in a transaction of its own (``create_new_trial``; ``add_trials``
+too), and has no public way to add several in one. On SQLite each is a commit with its
+own sync to disk, about 3 ms a trial here, so a budget of thousands took seconds before
+any worker started.
 On Optuna's RDB storage they are added here in one transaction per chunk, numbered the
 way Optuna numbers them (under the same lock). Other storages add them one by one.
 """
@@ -57,6 +58,8 @@ def _added_in_chunks(storage: Any, study_id: int, n: int) -> list[int] | None:
     ids: list[int] = []
     while len(ids) < n:
         size = min(CHUNK, n - len(ids))
+        chunk: list[int] = []
+        number = -1
         for attempt in range(5):  # as Optuna's create_new_trial: a deadlock is retried
             try:
                 with _create_scoped_session(backend.scoped_session) as session:
@@ -71,11 +74,26 @@ def _added_in_chunks(storage: Any, study_id: int, n: int) -> list[int] | None:
                                               datetime_complete=None) for i in range(1, size)]
                     session.add_all(rest)
                     session.flush()
-                    chunk = [first.trial_id] + [row.trial_id for row in rest]
+                    chunk, number = [first.trial_id] + [row.trial_id for row in rest], first.number
                 break
             except optuna.exceptions.StorageInternalError:
+                if chunk and _committed(backend, chunk, number):
+                    break  # the commit went through, then failed to say so (a lost link)
                 if attempt == 4:
                     raise
+                chunk = []
                 time.sleep(random.random() * 2.0)
         ids += chunk
     return ids
+
+
+def _committed(backend: optuna.storages.RDBStorage, chunk: list[int], number: int) -> bool:
+    """Whether a chunk whose commit raised is in the storage all the same: its first and
+    last trials are there, WAITING, numbered from ``number`` on (else a retry would add
+    the whole chunk again: trials no worker knows of)."""
+    try:
+        first, last = backend.get_trial(chunk[0]), backend.get_trial(chunk[-1])
+    except (KeyError, optuna.exceptions.StorageInternalError):
+        return False
+    return (first.state == last.state == TrialState.WAITING and first.number == number
+            and last.number == number + len(chunk) - 1)
