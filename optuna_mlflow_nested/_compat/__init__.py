@@ -1,8 +1,8 @@
 """Every touch of a private MLflow or Optuna name, each with why no public API does it.
 
-Each function here and in ``trials.py`` (an executor's budget added in chunks) has a
-test in ``tests/test_compat.py`` that fails if a supported MLflow or Optuna version
-changes what it relies on.
+Each function here and in ``trials.py`` (a trial's id, an executor's budget added in
+chunks) has a test in ``tests/test_compat.py`` that fails if a supported MLflow or
+Optuna version changes what it relies on.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from mlflow.entities import Run
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 import optuna
-from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from optuna_mlflow_nested._compat.trials import add_waiting_trials
+from optuna_mlflow_nested._compat.trials import trial_id
 
 __all__ = [
     "active_run", "active_run_ids_of_all_threads", "add_trial", "add_waiting_trials", "claim_trial",
@@ -294,11 +294,6 @@ def claim_trial(study: optuna.Study, trial_id: int) -> optuna.Trial | None:
         return None
     study._thread_local.cached_all_trials = None  # what ask() does: see the latest trials
     return optuna.Trial(study, trial_id)
-
-
-def trial_id(trial: FrozenTrial) -> int:
-    """The storage's id of a trial: storages key on it, ``FrozenTrial`` keeps it private."""
-    return trial._trial_id
 
 
 def journal_file(storage: optuna.storages.BaseStorage) -> tuple[Any, str, Any, str | None] | None:

@@ -38,9 +38,14 @@ def add_waiting_trials(study: optuna.Study, n: int) -> list[FrozenTrial]:
     if not ids:
         return []
     wanted = set(ids)
-    found = {t._trial_id: t for t in study.get_trials(
-        deepcopy=False, states=(TrialState.WAITING,)) if t._trial_id in wanted}
+    found = {trial_id(t): t for t in study.get_trials(
+        deepcopy=False, states=(TrialState.WAITING,)) if trial_id(t) in wanted}
     return [found.get(i) or storage.get_trial(i) for i in ids]
+
+
+def trial_id(trial: FrozenTrial) -> int:
+    """The storage's id of a trial: storages key on it, ``FrozenTrial`` keeps it private."""
+    return trial._trial_id
 
 
 def _added_in_chunks(storage: Any, study_id: int, n: int) -> list[int] | None:
