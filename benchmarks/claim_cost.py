@@ -7,13 +7,15 @@ workers did before) reads every unfinished trial of the study; ``_compat.claim_t
 takes a trial whose id the worker knows. Both on a SQLite storage, one process, the
 median of ``--claims`` claims (each trial told at once) per budget size.
 
-With ``--queue``: the budget of ``--queued`` WAITING trials added to a fresh SQLite
-study, one transaction per trial as Optuna adds them (``create_new_trial``), against
+With ``--queue``: the budget of ``--queued`` WAITING trials added to a fresh study
+(``--storage sqlite``, the default, or ``journal``: a journal file), one
+``create_new_trial`` each as Optuna adds them (on SQLite a transaction each), against
 ``_compat.add_waiting_trials`` (since 2026-12-05, one transaction per chunk of 1,000 on
-RDB storages); both read the trials back once, as ``optimize`` does. Medians of
-``--claims`` rounds, alternated.
+RDB storages; on a journal the same loop); both read the trials back once, as
+``optimize`` does. Medians of ``--rounds`` rounds (else ``--claims``), alternated.
 
-    python benchmarks/claim_cost.py [--queued 32,200,1000] [--claims 10] [--queue]
+    python benchmarks/claim_cost.py [--queued 32,200,1000] [--claims 10]
+    python benchmarks/claim_cost.py --queue [--storage sqlite|journal] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -53,9 +55,13 @@ def claim_ms(queued: int, claims: int, by_id: bool) -> float:
         return statistics.median(times) * 1000
 
 
-def queue_seconds(queued: int, chunked: bool) -> float:
+def queue_seconds(queued: int, chunked: bool, storage_kind: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        study = optuna.create_study(storage=f"sqlite:///{tmp}/optuna.db")
+        storage: str | optuna.storages.BaseStorage = f"sqlite:///{tmp}/optuna.db"
+        if storage_kind == "journal":
+            storage = optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(f"{tmp}/journal.log"))
+        study = optuna.create_study(storage=storage)
         start = time.perf_counter()
         if chunked:
             added = _compat.add_waiting_trials(study, queued)
@@ -74,16 +80,20 @@ def main() -> None:
     parser.add_argument("--queued", default="32,200,1000")
     parser.add_argument("--claims", type=int, default=10)
     parser.add_argument("--queue", action="store_true", help="time queueing the budget instead")
+    parser.add_argument("--storage", choices=("sqlite", "journal"), default="sqlite",
+                        help="with --queue: the study's storage")
+    parser.add_argument("--rounds", type=int, help="with --queue: rounds (default: --claims)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.queue:
-        print("| queued trials | a transaction each (s) | add_waiting_trials (s) | ratio |")
+        print(f"storage: {args.storage}")
+        print("| queued trials | a create_new_trial each (s) | add_waiting_trials (s) | ratio |")
         print("| --- | --- | --- | --- |")
         for queued in (int(n) for n in args.queued.split(",")):
             times: dict[bool, list[float]] = {False: [], True: []}
-            for round_ in range(args.claims):
+            for round_ in range(args.rounds or args.claims):
                 for chunked in (False, True) if round_ % 2 == 0 else (True, False):
-                    times[chunked].append(queue_seconds(queued, chunked))
+                    times[chunked].append(queue_seconds(queued, chunked, args.storage))
             each, chunks = (statistics.median(times[c]) for c in (False, True))
             print(f"| {queued} | {each:.3f} | {chunks:.3f} | {each / chunks:.1f}x |", flush=True)
         return

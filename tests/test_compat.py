@@ -6,6 +6,7 @@ fails (and says which touch broke)."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 import sqlite3
 import subprocess
@@ -383,21 +384,51 @@ def test_add_waiting_trials_whose_commit_raises_adds_each_chunk_once(
 
 def test_add_waiting_trials_from_two_processes_at_once_numbers_each_trial_once(
         tmp_path: Path) -> None:
+    # The two processes take turns: each starts its chunk k+1 only once the other's chunk
+    # k is in (files as a barrier), so their chunks interleave in the study.
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(storage=url, study_name="both")
     code = textwrap.dedent(f"""
+        import json, pathlib, sys, time
         import optuna
         from optuna_mlflow_nested._compat import trials
+        me, other = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+        prepare = optuna.storages.RDBStorage._get_prepared_new_trial
+        started = 0
+
+        def taking_turns(self, *args, **kwargs):
+            global started
+            (me / str(started)).touch()  # my chunks before this one are committed
+            deadline = time.monotonic() + 60
+            while not ((other / str(started)).exists() or (other / "done").exists()):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the other process's chunk {{started}} never came")
+                time.sleep(0.01)
+            started += 1
+            return prepare(self, *args, **kwargs)
+
+        optuna.storages.RDBStorage._get_prepared_new_trial = taking_turns
         trials.CHUNK = 7
         study = optuna.load_study(study_name="both", storage={url!r})
         added = trials.add_waiting_trials(study, 60)
-        assert len(added) == 60, len(added)
+        (me / "done").touch()
+        print(json.dumps([t.number for t in added]))
     """)
-    adders = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        folder.mkdir()
+    adders = [subprocess.Popen([sys.executable, "-c", code, str(me), str(other)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for me, other in (folders, folders[::-1])]
+    numbers = []
     for adder in adders:
-        _, err = adder.communicate(timeout=120)
+        out, err = adder.communicate(timeout=120)
         assert adder.returncode == 0, err
+        numbers.append(json.loads(out))
+    for own in numbers:
+        assert len(own) == 60 and own == sorted(own)
+        assert own[-1] - own[0] > 59, "the two processes' chunks did not interleave"
+    assert sorted(numbers[0] + numbers[1]) == list(range(120))
     trials = optuna.load_study(study_name="both", storage=url).trials
     assert [t.number for t in sorted(trials, key=_compat.trial_id)] == list(range(120))
 
