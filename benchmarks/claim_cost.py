@@ -8,20 +8,29 @@ takes a trial whose id the worker knows. Both on a SQLite storage, one process, 
 median of ``--claims`` claims (each trial told at once) per budget size.
 
 With ``--queue``: the budget of ``--queued`` WAITING trials added to a fresh study
-(``--storage sqlite``, the default, or ``journal``: a journal file), one
-``create_new_trial`` each as Optuna adds them (on SQLite a transaction each), against
-``_compat.add_waiting_trials`` (since 2026-12-05, one transaction per chunk of 1,000 on
-RDB storages; on a journal the same loop); both read the trials back once, as
-``optimize`` does. Medians of ``--rounds`` rounds (else ``--claims``), alternated.
+(``--storage sqlite``, the default; ``journal``: a journal file; ``grpc``: Optuna's
+gRPC storage proxy, run in a process of its own in front of a journal file, as README
+advises), one ``create_new_trial`` each as Optuna adds them (on SQLite a transaction
+each), against ``_compat.add_waiting_trials`` (since 2026-12-05, one transaction per
+chunk of 1,000 on RDB storages; elsewhere the same loop); both read the trials back
+once, as ``optimize`` does. Medians of ``--rounds`` rounds (else ``--claims``),
+alternated.
 
     python benchmarks/claim_cost.py [--queued 32,200,1000] [--claims 10]
-    python benchmarks/claim_cost.py --queue [--storage sqlite|journal] [--rounds 3]
+    python benchmarks/claim_cost.py --queue [--storage sqlite|journal|grpc] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+import contextlib
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -55,12 +64,36 @@ def claim_ms(queued: int, claims: int, by_id: bool) -> float:
         return statistics.median(times) * 1000
 
 
-def queue_seconds(queued: int, chunked: bool, storage_kind: str) -> float:
+@contextlib.contextmanager
+def grpc_proxy() -> Iterator[optuna.storages.BaseStorage]:
+    """Optuna's gRPC storage proxy over a journal file, in its own process group."""
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        code = ("import optuna; from optuna.storages.journal import JournalFileBackend; "
+                "optuna.storages.run_grpc_proxy_server(optuna.storages.JournalStorage("
+                f"JournalFileBackend({tmp + '/journal.log'!r})), host='127.0.0.1', port={port})")
+        proxy = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            storage = optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=port)
+            storage.wait_server_ready(timeout=60)
+            yield storage
+        finally:
+            os.killpg(proxy.pid, signal.SIGKILL)
+            proxy.wait(timeout=10)
+
+
+def queue_seconds(queued: int, chunked: bool, storage_kind: str,
+                  proxy: optuna.storages.BaseStorage | None = None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         storage: str | optuna.storages.BaseStorage = f"sqlite:///{tmp}/optuna.db"
         if storage_kind == "journal":
             storage = optuna.storages.JournalStorage(
                 optuna.storages.journal.JournalFileBackend(f"{tmp}/journal.log"))
+        elif proxy is not None:  # a fresh study on the one proxy
+            storage = proxy
         study = optuna.create_study(storage=storage)
         start = time.perf_counter()
         if chunked:
@@ -80,22 +113,25 @@ def main() -> None:
     parser.add_argument("--queued", default="32,200,1000")
     parser.add_argument("--claims", type=int, default=10)
     parser.add_argument("--queue", action="store_true", help="time queueing the budget instead")
-    parser.add_argument("--storage", choices=("sqlite", "journal"), default="sqlite",
+    parser.add_argument("--storage", choices=("sqlite", "journal", "grpc"), default="sqlite",
                         help="with --queue: the study's storage")
     parser.add_argument("--rounds", type=int, help="with --queue: rounds (default: --claims)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.queue:
-        print(f"storage: {args.storage}")
-        print("| queued trials | a create_new_trial each (s) | add_waiting_trials (s) | ratio |")
-        print("| --- | --- | --- | --- |")
-        for queued in (int(n) for n in args.queued.split(",")):
-            times: dict[bool, list[float]] = {False: [], True: []}
-            for round_ in range(args.rounds or args.claims):
-                for chunked in (False, True) if round_ % 2 == 0 else (True, False):
-                    times[chunked].append(queue_seconds(queued, chunked, args.storage))
-            each, chunks = (statistics.median(times[c]) for c in (False, True))
-            print(f"| {queued} | {each:.3f} | {chunks:.3f} | {each / chunks:.1f}x |", flush=True)
+        with grpc_proxy() if args.storage == "grpc" else contextlib.nullcontext() as proxy:
+            print(f"storage: {args.storage}")
+            print("| queued trials | a create_new_trial each (s) | add_waiting_trials (s) "
+                  "| ratio |")
+            print("| --- | --- | --- | --- |")
+            for queued in (int(n) for n in args.queued.split(",")):
+                times: dict[bool, list[float]] = {False: [], True: []}
+                for round_ in range(args.rounds or args.claims):
+                    for chunked in (False, True) if round_ % 2 == 0 else (True, False):
+                        times[chunked].append(queue_seconds(queued, chunked, args.storage, proxy))
+                each, chunks = (statistics.median(times[c]) for c in (False, True))
+                print(f"| {queued} | {each:.3f} | {chunks:.3f} | {each / chunks:.1f}x |",
+                      flush=True)
         return
     print("| queued trials | Optuna's pop (ms a claim) | claim by id (ms a claim) |")
     print("| --- | --- | --- |")

@@ -650,16 +650,8 @@ def test_grpc_storage_proxy_as_the_shared_storage(tmp_path: Path, tracking_uri: 
     try:
         from optuna.storages import GrpcStorageProxy
 
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                storage = GrpcStorageProxy(host="127.0.0.1", port=port)
-                storage.get_all_studies()
-                break
-            except Exception:
-                if time.monotonic() > deadline or proxy.poll() is not None:
-                    raise
-                time.sleep(0.2)
+        storage = GrpcStorageProxy(host="127.0.0.1", port=port)
+        storage.wait_server_ready(timeout=60)  # (the proxy's start: its imports, the bind)
         study = omn.create_study("grpc", storage=storage, tracking_uri=tracking_uri,
                                  sampler="random", seed=0)
         with ProcessPoolExecutor(2) as pool:

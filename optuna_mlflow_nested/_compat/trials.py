@@ -6,8 +6,9 @@ own sync to disk, about 3 ms a trial here, so a budget of thousands took seconds
 any worker started.
 On Optuna's RDB storage they are added here in one transaction per chunk, numbered the
 way Optuna numbers them (under the same lock). Other storages add them one by one: a
-journal file's append costs about 0.3 ms a trial here, near the chunks' 0.2 ms
-(``benchmarks/claim_cost.py --queue --storage journal``).
+journal file's append costs about 0.3 ms a trial here, near the chunks' 0.2 ms; Optuna's
+gRPC proxy has no call that adds several (about 1 ms a trial); see
+``benchmarks/claim_cost.py --queue --storage journal|grpc``.
 """
 
 from __future__ import annotations
