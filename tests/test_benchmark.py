@@ -32,6 +32,7 @@ def test_report_structure_and_mlflow_tree(tracking_uri: str, tmp_path: Path) -> 
     assert (results["test_rmse"] == results["best_value"] + 1).all()
     assert results["trials_to_1pct"].between(1, 6).all()
     assert (results.loc[results["sampler"] == "grid", "best_value"] == 0).all()  # 0.5 is on the grid
+    assert set(report.histories) == set(zip(results["sampler"], results["seed"]))
     for (sampler, seed), history in report.histories.items():
         assert len(history) == 6 and history == sorted(history, reverse=True)
     table = report.summary_table()

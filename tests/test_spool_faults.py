@@ -27,12 +27,24 @@ from optuna_mlflow_nested.tracking.spool import replay_spool
 
 # What a worker does while the server is away: one Spool.append per finished trial.
 APPENDER = textwrap.dedent("""
-    import pickle, sys, time
+    import os, pickle, sys, time
     from optuna_mlflow_nested.tracking.spool import Spool
     records = pickle.load(open(sys.argv[1], "rb"))
     spool = Spool(sys.argv[2])
+    # With a 5th argument K: after K appends, wait until a sync has claimed the spool
+    # (only a claim removes the file this process appends to), then append the rest.
+    wait_after = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    claimed = False
     open(sys.argv[3], "w").close()  # started
-    for record in records:
+    for appended, record in enumerate(records):
+        if appended and not os.path.exists(sys.argv[2]):
+            claimed = True
+        if wait_after and appended == wait_after:
+            deadline = time.monotonic() + 120
+            while not (claimed or not os.path.exists(sys.argv[2])):
+                if time.monotonic() > deadline:
+                    sys.exit("no sync claimed the spool while records were still to come")
+                time.sleep(0.01)
         spool.append(record)
         time.sleep(float(sys.argv[4]))
 """)
@@ -78,11 +90,11 @@ def _pending_lines(spool: Path) -> list[str]:
 
 
 def _start_appender(tmp_path: Path, records: list[RunRecord], spool: Path,
-                    pause: float) -> subprocess.Popen[bytes]:
+                    pause: float, wait_after: int = 0) -> subprocess.Popen[bytes]:
     payload, started = tmp_path / "records.pkl", tmp_path / "appender-started"
     payload.write_bytes(pickle.dumps(records))
     proc = subprocess.Popen([sys.executable, "-c", APPENDER, str(payload), str(spool),
-                             str(started), str(pause)])
+                             str(started), str(pause), str(wait_after)])
     deadline = time.monotonic() + 60
     while not started.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the appender did not start"
@@ -123,22 +135,26 @@ def test_syncs_while_a_worker_appends_deliver_every_record_exactly_once(
 @pytest.mark.slow  # real processes: ~12 s
 def test_two_syncs_at_once_beside_a_worker_deliver_every_record_exactly_once(
         tmp_path: Path, tracking_uri: str) -> None:
-    """Two `sync` processes start together on a full spool while a worker keeps appending."""
+    """Two `sync` processes start together on a full spool while a worker keeps appending.
+
+    The worker appends 10 of its 20 records, then the rest only once a sync has claimed
+    the spool: records arrive while the syncs deliver (else each sync, seconds in
+    importing MLflow, could claim after the last append)."""
     study = _study_without_runs(tmp_path, "raced", tracking_uri, 60)
     records = _records(study)
     spool = tmp_path / "s.jsonl"
     with pytest.warns(RuntimeWarning, match="did not take"):
         for record in records[:40]:
             Spool(spool).append(record)
-    appender = _start_appender(tmp_path, records[40:], spool, 0.05)
+    appender = _start_appender(tmp_path, records[40:], spool, 0.05, wait_after=10)
     try:
         syncs = [subprocess.Popen(_sync_cmd(spool, tracking_uri), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
         outputs = [proc.communicate(timeout=120) for proc in syncs]
     finally:
         if appender.poll() is None:
-            appender.wait(60)
-    assert appender.returncode == 0
+            appender.wait(180)
+    assert appender.returncode == 0, "the worker saw no claim while it had records to append"
     assert [proc.returncode for proc in syncs] == [0, 0], [err[-2000:] for _, err in outputs]
     delivered = sum(_delivered(out) for out, _ in outputs)
     last = subprocess.run(_sync_cmd(spool, tracking_uri), capture_output=True, text=True,

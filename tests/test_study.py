@@ -183,8 +183,12 @@ def test_multi_objective_metric_names(tracking_uri: str) -> None:
                              metric_name=["err", "acc"])
     named.optimize(lambda t: (t.suggest_float("x", 0, 1), 0.5), n_trials=2)
     client = MlflowClient(tracking_uri)
-    assert all({"value_0", "value_1"} <= set(r.data.metrics) for r in children(client, study))
-    assert all({"err", "acc"} <= set(r.data.metrics) for r in children(client, named))
+    for each, names in ((study, ("value_0", "value_1")), (named, ("err", "acc"))):
+        runs = {int(r.data.tags["optuna.trial_number"]): r for r in children(client, each)}
+        assert sorted(runs) == [t.number for t in each.trials]  # a run per trial, none more
+        for trial in each.trials:
+            metrics = runs[trial.number].data.metrics
+            assert [metrics[name] for name in names] == pytest.approx(trial.values)
 
 
 def test_uris_are_logged_without_passwords(tmp_path: Path, tracking_uri: str) -> None:
