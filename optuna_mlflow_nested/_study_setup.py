@@ -22,6 +22,9 @@ from optuna_mlflow_nested.tracking import parent as parent_run
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 _PARENT_WAIT_SECONDS = 120.0
+#: How long a study with no trial and no mark of this project waits for its creator's
+#: mark before it is adopted as a plain Optuna study.
+_MARK_WAIT_SECONDS = 10.0
 #: The experiment of a study named "" (Optuna allows it; MLflow refuses the name "").
 UNNAMED_STUDY_EXPERIMENT = "optuna-unnamed-study"
 
@@ -32,25 +35,21 @@ def attach_parent(
     storage_repr: str | None,
 ) -> tuple[str, str]:
     """The study's one parent run: made by the process that created the study, found by
-    others (who wait for it while the creator is still making it). Returns the run id
-    and its experiment id."""
+    others (who wait for it while the creator is still making it), made for a plain
+    Optuna study (adopted) or a copy of another study (``optuna.copy_study`` copies the
+    original's). Returns the run id and its experiment id.
+
+    Raises:
+        ValueError: the study's parent run is not in this tracking store (another
+            ``tracking_uri`` made it): its trials' runs would be lost or misfiled.
+    """
     storage, study_id = _compat.study_storage(study)
     attrs = storage.get_study_system_attrs(study_id)
-    if PARENT_RUN_ATTR in attrs:
+    if not created and PARENT_RUN_ATTR not in attrs and _parent_on_its_way(study, attrs):
+        attrs = _wait_for_parent(study)
+    if PARENT_RUN_ATTR in attrs and _own_parent(client, study, attrs[PARENT_RUN_ATTR],
+                                                tracking_uri):
         return attrs[PARENT_RUN_ATTR], attrs[EXPERIMENT_ATTR]
-    if not created:
-        deadline = time.monotonic() + _PARENT_WAIT_SECONDS
-        delay = 0.05
-        while time.monotonic() < deadline:
-            attrs = storage.get_study_system_attrs(study_id)
-            if PARENT_RUN_ATTR in attrs:
-                return attrs[PARENT_RUN_ATTR], attrs[EXPERIMENT_ATTR]
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-        warnings.warn(
-            f"study {study.study_name!r} has no MLflow parent run after "
-            f"{_PARENT_WAIT_SECONDS:.0f}s; creating one", RuntimeWarning, stacklevel=3,
-        )
     experiment_id = tracking.get_or_create_experiment(client,
                                                       experiment_name or UNNAMED_STUDY_EXPERIMENT)
     active = mlflow.active_run()
@@ -66,6 +65,64 @@ def attach_parent(
     }
     parent_run.log_parent_start(client, run_id, params, start_tags)
     return run_id, experiment_id
+
+
+def _parent_on_its_way(study: optuna.Study, attrs: dict[str, Any]) -> bool:
+    """Whether another process of this project is making the study's parent run.
+
+    Its creator marks the study (its run policy) right after Optuna creates it, then
+    makes the parent run, and no trial can start before that. A study with trials and
+    no mark is a plain Optuna study (adopted at once, not after the whole wait); one
+    with neither gets a short wait for the mark.
+    """
+    if TRIAL_RUNS_ATTR in attrs:
+        return True
+    if study.get_trials(deepcopy=False):
+        return False
+    storage, study_id = _compat.study_storage(study)
+    deadline = time.monotonic() + _MARK_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        attrs = storage.get_study_system_attrs(study_id)
+        if TRIAL_RUNS_ATTR in attrs or PARENT_RUN_ATTR in attrs:
+            return True
+    return False
+
+
+def _wait_for_parent(study: optuna.Study) -> dict[str, Any]:
+    storage, study_id = _compat.study_storage(study)
+    deadline = time.monotonic() + _PARENT_WAIT_SECONDS
+    delay = 0.05
+    while time.monotonic() < deadline:
+        attrs = storage.get_study_system_attrs(study_id)
+        if PARENT_RUN_ATTR in attrs:
+            return attrs
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+    warnings.warn(
+        f"study {study.study_name!r} has no MLflow parent run after "
+        f"{_PARENT_WAIT_SECONDS:.0f}s; creating one", RuntimeWarning, stacklevel=4,
+    )
+    return storage.get_study_system_attrs(study_id)
+
+
+def _own_parent(client: MlflowClient, study: optuna.Study, run_id: str,
+                tracking_uri: str) -> bool:
+    """Whether the run the study's attributes name is this study's parent in this store:
+    False for a copy's (the original study's name on it), a ValueError where the store
+    has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            return True  # a store that is away: its outage is handled where runs are written
+        raise ValueError(
+            f"study {study.study_name!r} has its MLflow parent run {run_id} in another "
+            f"tracking store: tracking_uri {redact_uri(tracking_uri)!r} has no such run "
+            "(pass the tracking_uri the study was created with)") from None
+    return run.data.tags.get(parent_run.STUDY_TAG, study.study_name) == study.study_name
 
 
 def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage:
@@ -121,11 +178,16 @@ def check_directions(direction: Any, directions: Any) -> None:
             raise ValueError(f"direction must be 'minimize' or 'maximize', got {d!r}")
 
 
-def check_metric_name(metric_name: Any) -> None:
+def check_metric_name(metric_name: Any, n_objectives: int | None = None) -> None:
+    """A string (broadcast as ``name_i`` over several objectives), or one string per
+    objective where ``n_objectives`` is known."""
     if isinstance(metric_name, str):
         return
     if not isinstance(metric_name, Sequence) or not all(isinstance(m, str) for m in metric_name):
         raise TypeError(f"metric_name must be a string or a sequence of strings, got {metric_name!r}")
+    if n_objectives is not None and len(metric_name) != n_objectives:
+        raise ValueError(f"metric_name names {len(metric_name)} value(s) but the study has "
+                         f"{n_objectives} objective(s): {list(metric_name)!r}")
 
 
 def versions() -> dict[str, str]:

@@ -113,7 +113,9 @@ def create_study(
     """
     keep = parse_trial_runs(trial_runs)
     check_directions(direction, directions)
-    check_metric_name(metric_name)
+    # (An existing study joined keeps its own directions: checked once it is loaded.)
+    check_metric_name(metric_name, len(directions) if directions is not None
+                      else None if load_if_exists else 1)
     if seed is not None:
         seed_everything(seed)
     optuna_sampler = make_sampler(sampler, seed=seed, search_space=search_space)
@@ -132,6 +134,7 @@ def create_study(
                                    sampler=optuna_sampler, pruner=pruner)
         plain.sampler = resumed_sampler(plain, sampler, seed, search_space) or plain.sampler
         created = False
+        check_metric_name(metric_name, len(plain.directions))
     client = tracking.get_client(uri)
     params: dict[str, Any] = {
         "sampler": type(optuna_sampler).__name__,
@@ -202,9 +205,10 @@ def load_study(
         raise StudyNotFoundError(
             f"no study named {study_name!r} in storage {storage_repr(storage)!r}"
         ) from None
+    check_metric_name(metric_name, len(plain.directions))
     keep = remember_trial_runs(plain, None, created=False)
     parent_run_id, experiment_id = attach_parent(
-        plain, tracking.get_client(uri), experiment_name or plain.study_name, created=True,
+        plain, tracking.get_client(uri), experiment_name or plain.study_name, created=False,
         params={"sampler": type(optuna_sampler).__name__, "seed": seed, **versions()},
         tags=dict(tags) if tags else None, tracking_uri=uri, storage_repr=storage_repr(storage),
     )

@@ -45,8 +45,8 @@ def create_parent_run(
     client: MlflowClient, experiment_id: str, study_name: str, nest_under: str | None,
     tags: dict[str, Any] | None = None,
 ) -> str:
-    all_tags = {ROLE_TAG: "study", STUDY_TAG: study_name}
-    all_tags.update(safe_mapping(tags or {}, tag_value))
+    # The identity tags win over the user's: a joiner reads the study's name here.
+    all_tags = {**safe_mapping(tags or {}, tag_value), ROLE_TAG: "study", STUDY_TAG: study_name}
     if nest_under:
         all_tags[MLFLOW_PARENT_RUN_ID] = nest_under
     return str(client.create_run(experiment_id, tags=all_tags, run_name=study_name).info.run_id)

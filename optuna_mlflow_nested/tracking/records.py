@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
+from optuna_mlflow_nested._utils import MAX_ENTITY_KEY_LENGTH
 from optuna_mlflow_nested._utils import param_value
 from optuna_mlflow_nested._utils import redact_uri
 from optuna_mlflow_nested._utils import safe_key
@@ -171,7 +172,9 @@ def trial_record(
     if history:
         step_time = millis(trial.datetime_start) or end
         value_key = safe_key(metric_name if isinstance(metric_name, str) else "value")
-        metrics += [(f"{value_key}_intermediate", float(v), step_time, int(step))
+        # Cut before the suffix: within MLflow's limit, and never the value's own key.
+        key = value_key[:MAX_ENTITY_KEY_LENGTH - len("_intermediate")] + "_intermediate"
+        metrics += [(key, float(v), step_time, int(step))
                     for step, v in sorted(trial.intermediate_values.items()) if not math.isnan(v)]
         if "fail_reason" in trial.system_attrs:
             tags["fail_reason"] = trial.system_attrs["fail_reason"]

@@ -1,0 +1,151 @@
+"""Joining and adopting studies as a user moving from plain Optuna would: a plain study,
+a copy, another tracking store, names MLflow cannot take as they are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import shutil
+import warnings
+
+from mlflow.tracking import MlflowClient
+import optuna
+import pytest
+
+import optuna_mlflow_nested as omn
+from optuna_mlflow_nested import _study_setup
+
+
+def quadratic(trial: optuna.Trial) -> float:
+    return trial.suggest_float("x", -1, 1) ** 2
+
+
+def child_numbers(uri: str, study: omn.NestedStudy) -> list[int]:
+    runs = MlflowClient(uri).search_runs(
+        [study.experiment_id], f"tags.mlflow.parentRunId = '{study.parent_run_id}'")
+    return sorted(int(r.data.tags["optuna.trial_number"]) for r in runs)
+
+
+def test_create_study_load_if_exists_adopts_a_plain_optuna_study_at_once(
+        tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It waited the whole wait for a parent run meant for a study another process of
+    # this project is still creating (120 s), warned, then made one.
+    monkeypatch.setattr(_study_setup, "_PARENT_WAIT_SECONDS", 3.0)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    plain = optuna.create_study(study_name="plain", storage=storage)
+    plain.optimize(quadratic, n_trials=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        study = omn.create_study("plain", storage=storage, tracking_uri=tracking_uri,
+                                 load_if_exists=True)
+    assert MlflowClient(tracking_uri).get_run(study.parent_run_id).data.tags["optuna.role"] \
+        == "study"
+    study.optimize(quadratic, n_trials=2)
+    assert child_numbers(tracking_uri, study) == [3, 4]
+    study.reconcile(create_missing=True)  # README: the earlier trials' runs, on request
+    assert child_numbers(tracking_uri, study) == [0, 1, 2, 3, 4]
+
+
+def test_a_project_study_still_being_created_is_waited_for(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # No parent run yet, no trial, but its creator's mark: a joiner waits (and, in this
+    # test, finds the parent its creator made meanwhile).
+    import threading
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    plain = optuna.create_study(study_name="racing", storage=storage)
+    storage.set_study_system_attr(plain._study_id, _study_setup.TRIAL_RUNS_ATTR, "all")
+    joined: list[omn.NestedStudy] = []
+    joiner = threading.Thread(target=lambda: joined.append(omn.create_study(
+        "racing", storage=storage, tracking_uri=tracking_uri, load_if_exists=True)))
+    joiner.start()
+    # The creator's part, done by hand after the joiner began to wait.
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("racing")
+    run_id = client.create_run(experiment_id, tags={"optuna.role": "study",
+                                                    "optuna.study_name": "racing"}).info.run_id
+    storage.set_study_system_attr(plain._study_id, _study_setup.EXPERIMENT_ATTR, experiment_id)
+    storage.set_study_system_attr(plain._study_id, _study_setup.PARENT_RUN_ATTR, run_id)
+    joiner.join(timeout=60)
+    assert [s.parent_run_id for s in joined] == [run_id]
+
+
+def test_a_copied_study_gets_a_parent_run_of_its_own(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # optuna.copy_study copies the study's system attributes: the copy found the
+    # original's parent run there and wrote its trials into the original's tree.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    original = omn.create_study("orig", storage=storage, tracking_uri=tracking_uri)
+    original.optimize(quadratic, n_trials=3)
+    optuna.copy_study(from_study_name="orig", from_storage=storage, to_storage=storage,
+                      to_study_name="copy")
+    copy = omn.load_study("copy", storage, tracking_uri=tracking_uri)
+    assert copy.parent_run_id != original.parent_run_id
+    copy.optimize(quadratic, n_trials=2)
+    assert child_numbers(tracking_uri, original) == [0, 1, 2]
+    assert child_numbers(tracking_uri, copy) == [3, 4]
+    parent = MlflowClient(tracking_uri).get_run(copy.parent_run_id)
+    assert parent.data.tags["optuna.study_name"] == "copy"
+    # The copy's parent is now the one its storage names, for everyone who joins it.
+    assert omn.load_study("copy", storage, tracking_uri=tracking_uri).parent_run_id \
+        == copy.parent_run_id
+
+
+def test_a_study_loaded_against_another_tracking_store_is_refused(
+        tmp_path: Path, tracking_uri: str, _migrated_store: Path) -> None:
+    # Its parent run is not in that store: every trial's run was rejected there (no
+    # experiment of that id) or landed in an unrelated experiment, and nothing said so.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("elsewhere", storage=storage, tracking_uri=tracking_uri)
+    other = tmp_path / "other.db"
+    shutil.copyfile(_migrated_store, other)  # another, empty store
+    other_uri = f"sqlite:///{other}"
+    # An experiment of the same id there: the runs would have landed in it.
+    assert MlflowClient(other_uri).create_experiment("unrelated") == study.experiment_id
+    with pytest.raises(ValueError, match=r"other\.db") as raised:
+        omn.load_study("elsewhere", storage, tracking_uri=other_uri)
+    assert "elsewhere" in str(raised.value) and study.parent_run_id in str(raised.value)
+    with pytest.raises(ValueError, match="parent run"):
+        omn.create_study("elsewhere", storage=storage, tracking_uri=other_uri,
+                         load_if_exists=True)
+    assert MlflowClient(other_uri).search_runs([study.experiment_id]) == []
+
+
+@pytest.mark.parametrize("metric_name", [["only_one"], ["a", "b", "c"]])
+def test_metric_names_that_do_not_match_the_directions_are_refused_up_front(
+        tmp_path: Path, tracking_uri: str, metric_name: list[str]) -> None:
+    # They were taken, then the first trial's record raised: the trial was complete in
+    # Optuna with no run, and the parent and a spare run stayed RUNNING.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.raises(ValueError, match="metric_name"):
+        omn.create_study("mo", storage=storage, tracking_uri=tracking_uri,
+                         directions=["minimize", "minimize"], metric_name=metric_name)
+    assert optuna.get_all_study_names(storage) == []
+    omn.create_study("mo", storage=storage, tracking_uri=tracking_uri,
+                     directions=["minimize", "minimize"])
+    with pytest.raises(ValueError, match="metric_name"):
+        omn.load_study("mo", storage, tracking_uri=tracking_uri, metric_name=metric_name)
+    with pytest.raises(ValueError, match="metric_name"):
+        omn.create_study("mo", storage=storage, tracking_uri=tracking_uri,
+                         load_if_exists=True, metric_name=metric_name)
+
+
+def test_a_long_metric_names_intermediate_values_keep_their_suffix_within_mlflows_limit(
+        tracking_uri: str) -> None:
+    # "<name>_intermediate" went past MLflow's 250 characters: every intermediate value
+    # was refused (then retried alone, then named in omn.rejected).
+    name = "m" * 245
+
+    def reporting(trial: optuna.Trial) -> float:
+        for step in range(3):
+            trial.report(float(step), step)
+        return 1.0
+
+    study = omn.create_study("long", tracking_uri=tracking_uri, metric_name=name)
+    study.optimize(reporting, n_trials=1)
+    run = MlflowClient(tracking_uri).get_run(study.child_run_id(0))
+    intermediate = [k for k in run.data.metrics if k.endswith("_intermediate")]
+    assert len(intermediate) == 1 and len(intermediate[0]) <= 250
+    assert intermediate[0].startswith("m" * 200)
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, intermediate[0])
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    assert run.data.metrics[name] == 1.0
