@@ -7,8 +7,10 @@ import concurrent.futures
 import inspect
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+import threading
 from typing import Any
 import warnings
+import weakref
 
 import optuna
 
@@ -36,6 +38,9 @@ def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jo
         return n_workers
     if not hasattr(executor, "submit"):
         raise TypeError(f"executor must have a submit() method, got {type(executor).__name__}")
+    if n_jobs != 1:  # (it was ignored: each task runs its trials one at a time)
+        raise ValueError(f"n_jobs={n_jobs!r} with executor=...: the executor's workers run "
+                         "the trials in parallel; use n_workers for how many")
     if n_trials is None:
         raise ValueError("optimize(executor=...) needs n_trials: the exact total over all workers")
     if n_trials == 0:  # nothing runs, as in Optuna
@@ -168,3 +173,33 @@ def resolve_workers(executor: Any, n_workers: int | None) -> int:
     if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers <= 0:
         raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
     return n_workers
+
+
+_optimizing_lock = threading.Lock()
+#: Study object -> the thread in its optimize (one per object: its tracker and parent
+#: run's end belong to one search at a time).
+_optimizing: weakref.WeakKeyDictionary[optuna.Study, int] = weakref.WeakKeyDictionary()
+
+
+def enter_optimize(study: optuna.Study) -> None:
+    """Mark ``study`` as searching in this thread; a RuntimeError if another thread is.
+
+    Plain Optuna lets two threads run ``optimize`` on one study object; here the first
+    to end closed the other's trials as failed (their runs FAILED, though Optuna had
+    them COMPLETE). ``n_jobs``, or a study object per thread (``omn.load_study``), runs
+    them side by side.
+    """
+    with _optimizing_lock:
+        other = _optimizing.get(study)
+        if other is not None and other != threading.get_ident():
+            raise RuntimeError(
+                f"study {study.study_name!r}: optimize is already running on this study "
+                "object in another thread; use n_jobs, or a study object per thread "
+                "(omn.load_study(name, storage, tracking_uri=...))")
+        _optimizing[study] = threading.get_ident()
+
+
+def leave_optimize(study: optuna.Study) -> None:
+    with _optimizing_lock:
+        if _optimizing.get(study) == threading.get_ident():
+            del _optimizing[study]

@@ -22,9 +22,6 @@ from optuna_mlflow_nested.tracking import parent as parent_run
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 _PARENT_WAIT_SECONDS = 120.0
-#: How long a study with no trial and no mark of this project waits for its creator's
-#: mark before it is adopted as a plain Optuna study.
-_MARK_WAIT_SECONDS = 10.0
 #: The experiment of a study named "" (Optuna allows it; MLflow refuses the name "").
 UNNAMED_STUDY_EXPERIMENT = "optuna-unnamed-study"
 
@@ -32,12 +29,13 @@ UNNAMED_STUDY_EXPERIMENT = "optuna-unnamed-study"
 def attach_parent(
     study: optuna.Study, client: MlflowClient, experiment_name: str, *, created: bool,
     params: dict[str, Any], tags: dict[str, Any] | None, tracking_uri: str,
-    storage_repr: str | None,
+    storage_repr: str | None, mark_wait: float = 10.0,
 ) -> tuple[str, str]:
     """The study's one parent run: made by the process that created the study, found by
     others (who wait for it while the creator is still making it), made for a plain
     Optuna study (adopted) or a copy of another study (``optuna.copy_study`` copies the
-    original's). Returns the run id and its experiment id.
+    original's). Returns the run id and its experiment id. A study with no trial and no
+    mark of this project waits ``mark_wait`` seconds for its creator's mark.
 
     Raises:
         ValueError: the study's parent run is not in this tracking store (another
@@ -45,7 +43,8 @@ def attach_parent(
     """
     storage, study_id = _compat.study_storage(study)
     attrs = storage.get_study_system_attrs(study_id)
-    if not created and PARENT_RUN_ATTR not in attrs and _parent_on_its_way(study, attrs):
+    if not created and PARENT_RUN_ATTR not in attrs and _parent_on_its_way(study, attrs,
+                                                                            mark_wait):
         attrs = _wait_for_parent(study)
     if PARENT_RUN_ATTR in attrs and _own_parent(client, study, attrs[PARENT_RUN_ATTR],
                                                 tracking_uri):
@@ -67,20 +66,20 @@ def attach_parent(
     return run_id, experiment_id
 
 
-def _parent_on_its_way(study: optuna.Study, attrs: dict[str, Any]) -> bool:
+def _parent_on_its_way(study: optuna.Study, attrs: dict[str, Any], mark_wait: float) -> bool:
     """Whether another process of this project is making the study's parent run.
 
     Its creator marks the study (its run policy) right after Optuna creates it, then
     makes the parent run, and no trial can start before that. A study with trials and
     no mark is a plain Optuna study (adopted at once, not after the whole wait); one
-    with neither gets a short wait for the mark.
+    with neither waits ``mark_wait`` seconds for the mark.
     """
     if TRIAL_RUNS_ATTR in attrs:
         return True
     if study.get_trials(deepcopy=False):
         return False
     storage, study_id = _compat.study_storage(study)
-    deadline = time.monotonic() + _MARK_WAIT_SECONDS
+    deadline = time.monotonic() + mark_wait
     while time.monotonic() < deadline:
         time.sleep(0.05)
         attrs = storage.get_study_system_attrs(study_id)

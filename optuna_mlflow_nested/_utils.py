@@ -89,17 +89,25 @@ def tag_value(value: Any) -> str:
 
 
 def safe_mapping(items: dict[str, Any], to_value: Any) -> dict[str, str]:
-    """Sanitise keys and values; on a key collision the later key gets a ``-n`` suffix."""
-    out: dict[str, str] = {}
-    for raw_key, raw_value in items.items():
+    """Sanitise keys and values. On a key collision a name MLflow takes as it is keeps
+    the key, and the others get ``-1``, ``-2``, ... in sorted order: a name maps the same
+    way whatever order the names came in (Optuna's params come in suggest order).
+
+    >>> safe_mapping({"lr@1": 1, "lr_1": 2}, str)
+    {'lr_1-1': '1', 'lr_1': '2'}
+    """
+    keys: dict[Any, str] = {}
+    taken: set[str] = set()
+    for raw_key in sorted(items, key=lambda k: (safe_key(k) != str(k), str(k))):
         key = safe_key(raw_key)
         n = 1
-        while key in out:
+        while key in taken:
             suffix = f"-{n}"
             key = safe_key(raw_key)[: MAX_ENTITY_KEY_LENGTH - len(suffix)] + suffix
             n += 1
-        out[key] = to_value(raw_value)
-    return out
+        keys[raw_key] = key
+        taken.add(key)
+    return {keys[raw_key]: to_value(raw_value) for raw_key, raw_value in items.items()}
 
 
 def scrub_exception(exc: BaseException) -> BaseException:

@@ -5,9 +5,11 @@ the study from the shared storage and runs trials until an exact budget is spent
 
 The budget is a queue: the calling process enqueues ``n_trials`` empty trials
 (WAITING) and workers only take those, so the total is exact whatever the number of
-workers, their speed, or an engine retrying a task. With heartbeats (RDB storages), a
-worker killed mid-trial (or after its claim, before the first heartbeat) has its trial
-failed and its run ended FAILED before ``optimize`` returns; its spare runs are deleted.
+workers, their speed, or an engine retrying a task. The call holds its queue with a
+lease (``_queue_leases``), so another executor call on the study leaves it alone.
+With heartbeats (RDB storages), a worker killed mid-trial (or after its claim, before
+the first heartbeat) has its trial failed and its run ended FAILED before ``optimize``
+returns; its spare runs are deleted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections.abc import Sequence
 import concurrent.futures
 import contextlib
 import dataclasses
-import os
 import time
 from typing import TYPE_CHECKING
 from typing import Any
@@ -33,6 +34,8 @@ from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._executor_checks import resolve_workers
 from optuna_mlflow_nested._executor_checks import shared_storage
+from optuna_mlflow_nested._heartbeats import Heartbeats
+from optuna_mlflow_nested._queue_leases import QueueLease
 from optuna_mlflow_nested._utils import quick_exit_if_submitit_job
 from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested.tracking.delivery import equals_clause
@@ -83,12 +86,6 @@ class QueuedBudget:
         raise BudgetSpent(study.study_name)
 
 
-def heartbeat_settings() -> tuple[int, int]:
-    """(interval, grace period) in seconds for executor workers on RDB storages."""
-    interval = int(os.environ.get("OMN_HEARTBEAT_INTERVAL", "5"))
-    return interval, int(os.environ.get("OMN_GRACE_PERIOD", str(4 * interval)))
-
-
 @dataclasses.dataclass(frozen=True)
 class WorkerSpec:
     """What a worker task needs to join the study; sent to the worker by the engine."""
@@ -107,6 +104,7 @@ class WorkerSpec:
     session: str
     trial_inputs: tuple[dict[str, Any], ...] = ()  # datasets every trial run logs
     queued: tuple[int, ...] = ()  # the budget: ids of the WAITING trials, in number order
+    heartbeats: Heartbeats | None = None  # (None: Heartbeats.of(storage) in the worker)
 
 
 _in_objective = False
@@ -189,11 +187,7 @@ def _run_worker(spec: WorkerSpec) -> int:
     storage = spec.storage
     url = _compat.rdb_url(storage) if not isinstance(storage, str) else storage
     if url is not None and url.startswith(("sqlite", "postgresql", "mysql")):
-        interval, grace = heartbeat_settings()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=interval,
-                                                 grace_period=grace)
+        storage = (spec.heartbeats or Heartbeats.of(storage)).storage(url)
     study = load_study(spec.study_name, storage, tracking_uri=spec.tracking_uri,
                        sampler=spec.sampler, pruner=spec.pruner, metric_name=spec.metric_name)
     study.sampler.reseed_rng()  # every worker got the same sampler state
@@ -225,26 +219,46 @@ def optimize_with_executor(
         return
     workers = resolve_workers(executor, n_workers)
     storage, _ = _compat.study_storage(study)
+    session = uuid.uuid4().hex
+    lease = QueueLease(study, session)  # (another call's queue is not this one's budget)
+    try:
+        _queue_and_run(study, func, n_trials, timeout, catch, callbacks, gc_after_trial,
+                       show_progress_bar, executor, workers, storage, session, lease)
+    finally:
+        lease.release()
+
+
+def _queue_and_run(study: NestedStudy, func: Callable[[optuna.Trial], Any], n_trials: int,
+                   timeout: float | None, catch: tuple[type[Exception], ...],
+                   callbacks: Sequence[Callable[..., None]], gc_after_trial: bool,
+                   show_progress_bar: bool, executor: Any, workers: int,
+                   storage: optuna.storages.BaseStorage, session: str,
+                   lease: QueueLease) -> None:
     # Queued trials (enqueue_trial, a timeout's leftovers) count in the budget, oldest
     # first, as in Optuna: the rest wait for the next call.
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[:n_trials]
+    held = lease.held_by_others()
+    waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+               if t.number not in held][:n_trials]
     # Bare WAITING trials (not enqueue_trial({}), whose empty fixed params the
     # GridSampler refuses): the sampler picks their params when a worker takes them.
     waiting += _compat.add_waiting_trials(study, max(0, n_trials - len(waiting)))
     queued = {t.number for t in waiting}
+    lease.hold(queued)
     spec = WorkerSpec(
         study_name=study.study_name, storage=shared_storage(storage, executor),
         tracking_uri=study.tracking_uri,
         metric_name=study.metric_name, sampler=study.sampler, pruner=study.pruner, func=func,
         catch=catch, callbacks=tuple(callbacks), gc_after_trial=gc_after_trial,
-        deadline=None if timeout is None else time.time() + timeout, session=uuid.uuid4().hex,
+        deadline=None if timeout is None else time.time() + timeout, session=session,
         trial_inputs=tuple(study._tracking.trial_inputs or ()),
         queued=tuple(_compat.trial_id(t) for t in waiting),  # in number order
+        heartbeats=Heartbeats.of(storage),
     )
     already = len(study.get_trials(deepcopy=False, states=_FINISHED))
     futures = [executor.submit(run_worker, spec, task) for task in range(min(workers, n_trials) or 1)]
     try:
-        errors = _wait(study, futures, n_trials, already if show_progress_bar else None)
+        errors = _wait(study, futures, n_trials, already if show_progress_bar else None,
+                       lease.renew)
     except KeyboardInterrupt:
         # The tasks were interrupted too: let them fail their trials and flush, then
         # end the spare runs they leave behind.
@@ -254,7 +268,7 @@ def optimize_with_executor(
                 time.sleep(0.1)
         _end_spare_runs(study, spec.session)
         raise
-    if _fail_stale_trials(study, queued):
+    if _fail_stale_trials(study, queued, spec.heartbeats or Heartbeats.of(storage)):
         study.reconcile(create_missing=True)  # those trials died before their run was known
     _end_spare_runs(study, spec.session)
     if errors and all(map(_lost_job, errors)) and not _budget_left(study, queued):
@@ -263,7 +277,7 @@ def optimize_with_executor(
         first = (str(errors[0]).splitlines() or [type(errors[0]).__name__])[0]
         warnings.warn(f"{len(errors)} worker task(s) of study {study.study_name!r} were lost "
                       f"({redact_secrets(first)}); their trials were failed and the other "
-                      "workers ran the rest of the budget", RuntimeWarning, stacklevel=3)
+                      "workers ran the rest of the budget", RuntimeWarning, stacklevel=4)
     elif errors:
         raise _with_budget_left(study, errors[0], queued)
 
@@ -296,14 +310,15 @@ def _with_budget_left(study: NestedStudy, error: BaseException, queued: set[int]
         broken = type(error)(f"{error} The worker's trial was failed and its run ended; {advice}")
         broken.__cause__ = error
         return broken
-    warnings.warn(advice, RuntimeWarning, stacklevel=4)
+    warnings.warn(advice, RuntimeWarning, stacklevel=5)
     return error
 
 
 def _wait(study: NestedStudy, futures: list[Any], n_trials: int,
-          progress_from: int | None) -> list[BaseException]:
+          progress_from: int | None, tick: Callable[[], None]) -> list[BaseException]:
     """Wait for every task (any future with done()/result()); their exceptions, in order.
-    With ``progress_from`` (finished trials before), a progress bar."""
+    With ``progress_from`` (finished trials before), a progress bar; ``tick`` is called
+    while waiting."""
     bar = None
     start = progress_from or 0
     if progress_from is not None:
@@ -312,6 +327,7 @@ def _wait(study: NestedStudy, futures: list[Any], n_trials: int,
         bar = tqdm(total=n_trials, desc="trials", unit="trial")
     try:
         while not all(f.done() for f in futures):
+            tick()
             if bar is not None:
                 finished = len(study.get_trials(deepcopy=False, states=_FINISHED))
                 bar.update(max(0, min(n_trials, finished - start) - bar.n))
@@ -331,36 +347,38 @@ def _wait(study: NestedStudy, futures: list[Any], n_trials: int,
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def _fail_stale_trials(study: NestedStudy, budget: set[int]) -> int:
+def _fail_stale_trials(study: NestedStudy, budget: set[int], heartbeats: Heartbeats) -> int:
     """Fail trials of workers that died mid-trial (heartbeats, RDB storages only).
 
-    Every task has ended, so a trial of ``budget`` (numbers) still RUNNING without
-    ever recording a heartbeat after the whole grace period died between its claim and
+    Every task has ended, so a trial of ``budget`` (numbers) still RUNNING died with its
+    worker: it is waited for until Optuna's ``fail_stale_trials`` fails it. One that
+    never recorded a heartbeat after the whole grace period died between its claim and
     its first heartbeat (a pool terminating its workers): ``fail_stale_trials`` never
-    fails it, so it is failed here. Returns how many such trials were failed.
+    fails it, so it is failed here. Trials outside the budget (another process's, an
+    ``ask`` not told yet) are not waited for. Returns how many such trials were failed.
     """
     storage, _ = _compat.study_storage(study)
     url = _compat.rdb_url(storage)
-    if url is None or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+
+    def running() -> set[int]:
+        return budget & {t.number for t in study.get_trials(deepcopy=False,
+                                                            states=(TrialState.RUNNING,))}
+
+    if url is None or not running():
         return 0
-    interval, grace = heartbeat_settings()
-    deadline = time.monotonic() + grace + 2 * interval + 5
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        watched = optuna.load_study(
-            study_name=study.study_name,
-            storage=optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=grace))
-        silent = _compat.running_trials_without_heartbeat(watched) & budget
-        while watched.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            # A worker killed inside a write can hold SQLite's lock a while: try again.
-            with contextlib.suppress(optuna.exceptions.StorageInternalError):
-                optuna.storages.fail_stale_trials(watched)
-            if time.monotonic() > deadline:
-                break
-            time.sleep(min(1.0, interval))
-        orphans = silent & _compat.running_trials_without_heartbeat(watched)
-        for number in sorted(orphans):
-            watched.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    deadline = time.monotonic() + heartbeats.grace + 2 * heartbeats.interval + 5
+    watched = optuna.load_study(study_name=study.study_name, storage=heartbeats.storage(url))
+    silent = _compat.running_trials_without_heartbeat(watched) & budget
+    while running():
+        # A worker killed inside a write can hold SQLite's lock a while: try again.
+        with contextlib.suppress(optuna.exceptions.StorageInternalError):
+            optuna.storages.fail_stale_trials(watched)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(min(1.0, heartbeats.interval))
+    orphans = silent & _compat.running_trials_without_heartbeat(watched)
+    for number in sorted(orphans):
+        watched.tell(number, state=TrialState.FAIL, skip_if_finished=True)
     return len(orphans)
 
 

@@ -211,6 +211,7 @@ def load_study(
         plain, tracking.get_client(uri), experiment_name or plain.study_name, created=False,
         params={"sampler": type(optuna_sampler).__name__, "seed": seed, **versions()},
         tags=dict(tags) if tags else None, tracking_uri=uri, storage_repr=storage_repr(storage),
+        mark_wait=0.0,  # loading, not creating: no creator is expected to be on its way
     )
     return NestedStudy(
         plain.study_name, _compat.study_storage(plain)[0], plain.sampler, plain.pruner,

@@ -20,6 +20,8 @@ import pandas as pd
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._executor_checks import check_optimize_args
+from optuna_mlflow_nested._executor_checks import enter_optimize
+from optuna_mlflow_nested._executor_checks import leave_optimize
 from optuna_mlflow_nested._study_setup import EXPERIMENT_ATTR
 from optuna_mlflow_nested._study_setup import PARENT_RUN_ATTR
 from optuna_mlflow_nested.executors import SESSION_TAG
@@ -100,9 +102,8 @@ class NestedStudy(optuna.Study):
     # pickling (executors send the study to workers): no threads, no clients ---------
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        state.pop("_tracker", None)
-        state.pop("_omn_local", None)
-        state.pop("_figures_pending", None)
+        for local in ("_tracker", "_omn_local", "_figures_pending"):
+            state.pop(local, None)
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
@@ -157,6 +158,7 @@ class NestedStudy(optuna.Study):
         Raises:
             ValueError: a bad argument; with ``executor``, an in-memory store, or an
                 objective, callback, sampler, pruner or ``catch`` that cannot be pickled.
+            RuntimeError: another thread runs ``optimize`` on this study object.
         """
         if getattr(self._omn_local, "optimizing", False):
             # Optuna refuses nested optimize; let it say so without touching our runs.
@@ -180,6 +182,7 @@ class NestedStudy(optuna.Study):
                                     executor=executor)
             ending = parent_run.SearchEnd(self, others_may_run=executor is None)
         status = "FAILED"
+        enter_optimize(self)  # (a RuntimeError while another thread searches this object)
         try:
             if executor is not None:
                 optimize_with_executor(
@@ -194,6 +197,7 @@ class NestedStudy(optuna.Study):
             status = "KILLED"
             raise
         finally:
+            leave_optimize(self)
             if status != "FINISHED":  # a with block of Optuna's left before its exit: else
                 _compat.stop_heartbeats_left_running(self)  # the process cannot exit
             if not worker:
@@ -317,10 +321,7 @@ class NestedStudy(optuna.Study):
                 if k.startswith(RUN_ATTR_PREFIX)}
 
     def _trial_by_number(self, number: int) -> FrozenTrial | None:
-        for trial in self.get_trials(deepcopy=False):
-            if trial.number == number:
-                return trial
-        return None
+        return next((t for t in self.get_trials(deepcopy=False) if t.number == number), None)
 
     def child_run_id(self, trial_number: int) -> str:
         """The MLflow run id of trial ``trial_number``."""
@@ -333,8 +334,7 @@ class NestedStudy(optuna.Study):
 
     def child_runs(self) -> pd.DataFrame:
         """``mlflow.search_runs`` of this study's trial runs, oldest first."""
-        # Through this study's own client: MLflow's process-wide tracking URI may be
-        # another study's right now.
+        # This study's own client: MLflow's global tracking URI may be another study's.
         with tracking.short_http_retries(self.tracking_uri):
             return tracking.clients.search_runs_frame(
                 self._client, [self.experiment_id],

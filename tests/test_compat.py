@@ -104,6 +104,11 @@ def test_rdb_url_and_executor_worker_count(tmp_path) -> None:
     assert _compat.rdb_url(optuna.storages.get_storage(url)) == url
     assert _compat.rdb_url(optuna.storages.RDBStorage(url)) == url
     assert _compat.rdb_url(optuna.storages.InMemoryStorage()) is None
+    # The RDB storage behind Optuna's cache: executor workers take its heartbeat settings.
+    cached = optuna.storages.get_storage(url)
+    assert isinstance(_compat.rdb_storage(cached), optuna.storages.RDBStorage)
+    assert _compat.rdb_storage(cached) is not cached
+    assert _compat.rdb_storage(optuna.storages.InMemoryStorage()) is None
     with ThreadPoolExecutor(3) as threads, ProcessPoolExecutor(2) as processes:
         assert _compat.executor_worker_count(threads) == 3
         assert _compat.executor_worker_count(processes) == 2

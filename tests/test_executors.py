@@ -142,6 +142,8 @@ def test_executor_input_errors(tmp_path: Path, tracking_uri: str) -> None:
             study.optimize(quadratic, executor=pool)
         with pytest.raises(ValueError, match="n_workers"):
             study.optimize(quadratic, n_trials=2, executor=pool, n_workers=0)
+        with pytest.raises(ValueError, match="n_jobs=2"):  # (was ignored)
+            study.optimize(quadratic, n_trials=2, executor=pool, n_jobs=2)
     assert study.trials == [] and in_memory.trials == []
 
 
@@ -782,3 +784,106 @@ def test_a_workers_claim_does_not_read_the_whole_queued_budget(tmp_path: Path,
     # Linear in the budget: 6x the trials may load about 6x the rows, not 36x (the old
     # claim: 165 and 2,490 rows).
     assert large < 9 * small, (small, large)
+
+
+def test_a_trial_outside_the_budget_still_running_is_not_waited_for(
+        tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # optimize waited out the whole grace period (and more) whenever any trial of the
+    # study was RUNNING, also one asked by hand and not told yet, whatever the timeout.
+    monkeypatch.setenv("OMN_GRACE_PERIOD", "60")  # the old wait: 60 + 2 x 5 + 5 s
+    study = make_study(tmp_path, "elsewhere", tracking_uri)
+    asked = optuna.load_study(study_name="elsewhere", storage=study._storage).ask()
+    done = threading.Event()
+
+    def search() -> None:
+        with ThreadPoolExecutor(1) as threads:
+            study.optimize(quadratic, n_trials=2, executor=threads)
+        done.set()
+
+    threading.Thread(target=search, daemon=True).start()
+    assert done.wait(timeout=45), "optimize waited for a trial that is not its own"
+    states = {t.number: t.state.name for t in study.trials}
+    assert states == {asked.number: "RUNNING", 1: "COMPLETE", 2: "COMPLETE"}
+
+
+def test_workers_keep_the_heartbeat_settings_of_the_users_storage(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # Workers reopened an RDB storage with 5 s / 20 s heartbeats and no failed-trial
+    # callback, whatever the user's storage said; a user's processes with longer
+    # heartbeats then had their live trials failed by the workers' shorter grace.
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        storage = optuna.storages.RDBStorage(
+            url, heartbeat_interval=7, grace_period=30,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+    study = omn.create_study("beats", storage=storage, tracking_uri=tracking_uri)
+    seen: list[tuple[Any, Any, str]] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        backend = getattr(trial.study._storage, "_backend", trial.study._storage)
+        seen.append((backend.heartbeat_interval, backend.grace_period,
+                     type(backend.heartbeat_stale_trial_callback).__name__))
+        return trial.suggest_float("x", 0, 1)
+
+    with ThreadPoolExecutor(1) as threads:  # (a thread's objective can tell this test)
+        study.optimize(objective, n_trials=2, executor=threads)
+    assert seen == [(7, 30, "RetryHeartbeatStaleTrialCallback")] * 2
+
+
+def test_two_executor_calls_at_once_each_run_their_own_budget(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # The second call counted the first one's queued trials as its own budget, and both
+    # calls' workers took from one queue: 12 trials asked, 7 run.
+    first = make_study(tmp_path, "twice", tracking_uri)
+    second = omn.load_study("twice", first._storage, tracking_uri=tracking_uri)
+    second_queued = threading.Event()
+
+    def held_until_the_second_call_has_queued(trial: optuna.Trial) -> float:
+        if trial.number == 0:  # the first call's first trial: the second call starts now
+            starter.start()
+            assert second_queued.wait(timeout=60)
+        return quadratic(trial)
+
+    def second_call() -> None:
+        def objective(trial: optuna.Trial) -> float:
+            second_queued.set()  # its budget is queued once its first trial runs
+            return quadratic(trial)
+
+        with ThreadPoolExecutor(1) as threads:
+            second.optimize(objective, n_trials=6, executor=threads)
+
+    starter = threading.Thread(target=second_call)
+    with ThreadPoolExecutor(1) as threads:
+        first.optimize(held_until_the_second_call_has_queued, n_trials=6, executor=threads)
+    starter.join(timeout=120)
+    assert not starter.is_alive()
+    assert_tree(first, 12)
+    # Leases are released: a later call's budget may take leftovers again.
+    attrs = first._storage.get_study_system_attrs(first._study_id)
+    leases = {k: v for k, v in attrs.items() if k.startswith("omn.queue:")}
+    assert len(leases) == 2 and set(leases.values()) == {None}
+
+
+def test_queue_leases_order_calls_that_start_together_and_expire_with_their_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from optuna_mlflow_nested import _queue_leases
+    from optuna_mlflow_nested._queue_leases import QueueLease
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    earlier, later = QueueLease(study, "a"), QueueLease(study, "b")
+    assert earlier.held_by_others() == set()  # the later call, still queueing, is not waited for
+    found: list[set[int]] = []
+    waiter = threading.Thread(target=lambda: found.append(later.held_by_others()))
+    waiter.start()  # waits for the earlier call's numbers
+    earlier.hold([3, 4, 5, 9])
+    waiter.join(timeout=60)
+    assert found == [{3, 4, 5, 9}]
+    later.hold([10, 11])
+    assert earlier.held_by_others() == {10, 11}
+    monkeypatch.setattr(_queue_leases, "LEASE_S", 0.0)  # as if the later call died long ago
+    assert earlier.held_by_others() == set()
+    monkeypatch.setattr(_queue_leases, "LEASE_S", 120.0)
+    later.release()
+    assert earlier.held_by_others() == set()

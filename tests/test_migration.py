@@ -149,3 +149,55 @@ def test_a_long_metric_names_intermediate_values_keep_their_suffix_within_mlflow
     history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, intermediate[0])
     assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, 1.0), (2, 2.0)]
     assert run.data.metrics[name] == 1.0
+
+
+def test_a_second_thread_optimizing_the_same_study_object_is_refused(
+        tracking_uri: str) -> None:
+    # Plain Optuna lets two threads search one study object; here the first search to
+    # end closed the other's running trial as failed: its run FAILED while Optuna had
+    # it COMPLETE. A study object per thread (load_study) searches side by side.
+    import threading
+
+    study = omn.create_study("shared", tracking_uri=tracking_uri)
+    inside, tried = threading.Event(), threading.Event()
+
+    def waits_for_the_other_thread(trial: optuna.Trial) -> float:
+        inside.set()
+        assert tried.wait(timeout=60)
+        return quadratic(trial)
+
+    first = threading.Thread(target=lambda: study.optimize(waits_for_the_other_thread,
+                                                           n_trials=2))
+    first.start()
+    assert inside.wait(timeout=60)
+    try:
+        with pytest.raises(RuntimeError, match="another thread"):
+            study.optimize(quadratic, n_trials=2)
+    finally:
+        tried.set()
+        first.join(timeout=60)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    runs = MlflowClient(tracking_uri).search_runs(
+        [study.experiment_id], f"tags.mlflow.parentRunId = '{study.parent_run_id}'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    study.optimize(quadratic, n_trials=1)  # once the first search ended, any thread may
+    assert len(study.trials) == 3
+
+
+def test_colliding_param_names_land_under_the_same_keys_whatever_the_suggest_order(
+        tracking_uri: str) -> None:
+    # "lr@1" and "lr_1" both become "lr_1" in MLflow: the one suggested second got
+    # "lr_1-1", so one MLflow column held one param in some trials, the other in others.
+    study = omn.create_study("collide", tracking_uri=tracking_uri)
+
+    def objective(trial: optuna.Trial) -> float:
+        names = ["lr@1", "lr_1"] if trial.number % 2 == 0 else ["lr_1", "lr@1"]
+        values = {name: trial.suggest_float(name, 0, 1) for name in names}
+        return values["lr_1"]
+
+    study.optimize(objective, n_trials=4)
+    client = MlflowClient(tracking_uri)
+    for trial in study.trials:
+        params = client.get_run(study.child_run_id(trial.number)).data.params
+        assert float(params["lr_1"]) == trial.params["lr_1"]  # the name MLflow takes as is
+        assert float(params["lr_1-1"]) == trial.params["lr@1"]

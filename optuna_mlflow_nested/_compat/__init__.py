@@ -316,15 +316,20 @@ def journal_file(storage: optuna.storages.BaseStorage) -> tuple[Any, str, Any, s
     return backend, backend._file_path, lock, lock._lock_file[:-5] if known else None
 
 
+def rdb_storage(storage: Any) -> optuna.storages.RDBStorage | None:
+    """The RDB storage itself, also behind the private cache class that
+    ``optuna.storages.get_storage`` and ``Study`` wrap it in, else ``None``."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
+
+
 def rdb_url(storage: optuna.storages.BaseStorage) -> str | None:
     """The database URL of an RDB storage (also behind Optuna's cache), else ``None``.
 
-    Executor workers reopen it with heartbeats on; ``optuna.storages.get_storage`` wraps
-    RDB storages in a private cache class that does not expose the URL.
+    Executor workers reopen it with heartbeats on (and the user's heartbeat settings).
     """
-    backend = getattr(storage, "_backend", storage)
-    url = getattr(backend, "url", None)
-    return url if isinstance(backend, optuna.storages.RDBStorage) and isinstance(url, str) else None
+    url = getattr(rdb_storage(storage), "url", None)
+    return url if isinstance(url, str) else None
 
 
 def executor_worker_count(executor: Any) -> int | None:

@@ -1,0 +1,51 @@
+"""Heartbeat settings of executor workers on RDB storages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import inspect
+import os
+from typing import Any
+import warnings
+
+import optuna
+
+from optuna_mlflow_nested import _compat
+
+#: Optuna 4.9 renamed ``failed_trial_callback`` (deprecated since, gone in Optuna 6).
+_CALLBACK_ARGUMENT = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
+                      in inspect.signature(optuna.storages.RDBStorage).parameters
+                      else "failed_trial_callback")
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeats:
+    """Executor workers' heartbeat settings on RDB storages: those of the user's own
+    ``RDBStorage`` where it has heartbeats (every process of a study must agree: each
+    fails the others' trials whose heartbeat is older than its own grace period), else
+    ``OMN_HEARTBEAT_INTERVAL`` (5 s) and ``OMN_GRACE_PERIOD`` (4 intervals)."""
+
+    interval: int
+    grace: int
+    stale_trial_callback: Callable[..., None] | None = None
+
+    @classmethod
+    def of(cls, storage: Any) -> Heartbeats:
+        backend = _compat.rdb_storage(storage)
+        if backend is not None and backend.heartbeat_interval:
+            interval = backend.heartbeat_interval
+            callback = (getattr(backend, "heartbeat_stale_trial_callback", None)  # Optuna 4.9+
+                        or backend.failed_trial_callback)
+            return cls(interval, backend.grace_period or 2 * interval,  # (Optuna's default)
+                       callback)
+        interval = int(os.environ.get("OMN_HEARTBEAT_INTERVAL", "5"))
+        return cls(interval, int(os.environ.get("OMN_GRACE_PERIOD", str(4 * interval))))
+
+    def storage(self, url: str) -> optuna.storages.RDBStorage:
+        callback: dict[str, Any] = {_CALLBACK_ARGUMENT: self.stale_trial_callback}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=self.interval, grace_period=self.grace,
+                **callback)
