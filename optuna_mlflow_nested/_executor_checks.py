@@ -3,7 +3,9 @@ run, and the storage the workers are given."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import concurrent.futures
+import contextlib
 import inspect
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -181,13 +183,14 @@ _optimizing_lock = threading.Lock()
 _optimizing: weakref.WeakKeyDictionary[optuna.Study, int] = weakref.WeakKeyDictionary()
 
 
-def enter_optimize(study: optuna.Study) -> None:
-    """Mark ``study`` as searching in this thread; a RuntimeError if another thread is.
+@contextlib.contextmanager
+def searching_alone(study: optuna.Study) -> Iterator[None]:
+    """``study``'s search in this thread; a RuntimeError if another thread's is running.
 
     Plain Optuna lets two threads run ``optimize`` on one study object; here the first
     to end closed the other's trials as failed (their runs FAILED, though Optuna had
-    them COMPLETE). ``n_jobs``, or a study object per thread (``omn.load_study``), runs
-    them side by side.
+    them COMPLETE), and each began and ended the parent run's search. ``n_jobs``, or a
+    study object per thread (``omn.load_study``), runs them side by side.
     """
     with _optimizing_lock:
         other = _optimizing.get(study)
@@ -197,9 +200,9 @@ def enter_optimize(study: optuna.Study) -> None:
                 "object in another thread; use n_jobs, or a study object per thread "
                 "(omn.load_study(name, storage, tracking_uri=...))")
         _optimizing[study] = threading.get_ident()
-
-
-def leave_optimize(study: optuna.Study) -> None:
-    with _optimizing_lock:
-        if _optimizing.get(study) == threading.get_ident():
-            del _optimizing[study]
+    try:
+        yield
+    finally:
+        with _optimizing_lock:
+            if _optimizing.get(study) == threading.get_ident():
+                del _optimizing[study]

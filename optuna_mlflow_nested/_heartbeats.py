@@ -36,7 +36,7 @@ class Heartbeats:
         if backend is not None and backend.heartbeat_interval:
             interval = backend.heartbeat_interval
             callback = (getattr(backend, "heartbeat_stale_trial_callback", None)  # Optuna 4.9+
-                        or backend.failed_trial_callback)
+                        or getattr(backend, "failed_trial_callback", None))  # (gone in 6)
             return cls(interval, backend.grace_period or 2 * interval,  # (Optuna's default)
                        callback)
         interval = int(os.environ.get("OMN_HEARTBEAT_INTERVAL", "5"))

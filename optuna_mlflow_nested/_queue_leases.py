@@ -7,8 +7,10 @@ workers shared it: neither ran its ``n_trials``. A call now holds its queue with
 lease in the study's system attributes (one write when it queues, one every
 ``REFRESH_S`` while it runs, one when it ends); other calls leave held trials alone. A
 call whose process died stops renewing, and its leftovers are free again after
-``LEASE_S``. Calls that start together queue one after the other (the one that marked
-itself first goes first).
+``LEASE_S``. Calls that start together are ordered by their marks (time, then session):
+a call waits for the earlier ones' numbers before it counts WAITING trials, and after
+it holds its own it looks again and gives up any an earlier call holds too (a call
+that read before another's mark was written can have counted that one's new trials).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from optuna_mlflow_nested import _compat
 
@@ -36,29 +39,42 @@ class QueueLease:
         self._key, self._session = PREFIX + session, session
         self._numbers: list[list[int]] | None = None
         self._renewed = 0.0
+        self._at = time.time()  # its place in line: kept by every later write
         self._write()  # pending: calls marked after this one wait for its numbers
 
-    def held_by_others(self) -> set[int]:
-        """Trial numbers other live calls hold, once those that marked themselves before
-        this one have queued theirs."""
-        mine = self._sort_key(self._store.get_study_system_attrs(self._sid)[self._key],
-                              self._session)
+    def held_by_others(self, earlier_only: bool = False) -> set[int]:
+        """Trial numbers other live calls hold (``earlier_only``: those that marked
+        themselves before this one), once the earlier ones have queued theirs."""
+        mine = (self._at, self._session)
         deadline = time.monotonic() + LEASE_S
         while True:
             held: set[int] = set()
             waiting_for_earlier = False
             for session, lease in self._live_leases():
-                if lease["numbers"] is not None:
+                earlier = self._sort_key(lease, session) < mine
+                if lease["numbers"] is not None and (earlier or not earlier_only):
                     held.update(_expand(lease["numbers"]))
-                elif self._sort_key(lease, session) < mine:
+                elif lease["numbers"] is None and earlier:
                     waiting_for_earlier = True
             if not waiting_for_earlier or time.monotonic() > deadline:
                 return held
-            time.sleep(0.05)
+            time.sleep(0.2)  # (each look reads all the study's attributes)
 
     def hold(self, numbers: Iterable[int]) -> None:
         self._numbers = _ranges(sorted(numbers))
         self._write()
+
+    def hold_settled(self, study: optuna.Study, waiting: list[FrozenTrial]) -> list[FrozenTrial]:
+        """Hold ``waiting`` (in number order); trials an earlier call holds too are left
+        to it and replaced by new ones. Returns what this call holds."""
+        for attempt in range(10):
+            self.hold(t.number for t in waiting)
+            taken = self.held_by_others(earlier_only=True)
+            kept = [t for t in waiting if t.number not in taken]
+            if len(kept) == len(waiting) or attempt == 9:
+                break
+            waiting = kept + _compat.add_waiting_trials(study, len(waiting) - len(kept))
+        return waiting
 
     def renew(self) -> None:
         """Renew the lease (at most every ``REFRESH_S``; called while the call waits). A
@@ -76,15 +92,15 @@ class QueueLease:
 
     def _write(self) -> None:
         self._renewed = time.monotonic()
-        self._store.set_study_system_attr(self._sid, self._key,
-                                            {"at": time.time(), "numbers": self._numbers})
+        self._store.set_study_system_attr(self._sid, self._key, {
+            "at": self._at, "renewed": time.time(), "numbers": self._numbers})
 
     def _live_leases(self) -> list[tuple[str, dict[str, Any]]]:
         now = time.time()
         return [(key[len(PREFIX):], value)
                 for key, value in self._store.get_study_system_attrs(self._sid).items()
                 if key.startswith(PREFIX) and key != self._key and isinstance(value, dict)
-                and now - value.get("at", 0) < LEASE_S]
+                and now - value.get("renewed", 0) < LEASE_S]
 
     @staticmethod
     def _sort_key(lease: dict[str, Any], session: str) -> tuple[float, str]:

@@ -113,14 +113,17 @@ def _own_parent(client: MlflowClient, study: optuna.Study, run_id: str,
     from mlflow.exceptions import MlflowException
 
     try:
-        run = client.get_run(run_id)
+        with tracking.short_http_retries(tracking_uri):  # (MLflow's own: minutes a call)
+            run = client.get_run(run_id)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             return True  # a store that is away: its outage is handled where runs are written
         raise ValueError(
-            f"study {study.study_name!r} has its MLflow parent run {run_id} in another "
-            f"tracking store: tracking_uri {redact_uri(tracking_uri)!r} has no such run "
-            "(pass the tracking_uri the study was created with)") from None
+            f"study {study.study_name!r}: tracking_uri {redact_uri(tracking_uri)!r} has no "
+            f"run {run_id}, the study's MLflow parent run: pass the tracking_uri the study "
+            "was created with (or, if that run was deleted for good, start a new study)"
+        ) from None
+    # A parent run made before the study's name was a tag of it (older versions): its own.
     return run.data.tags.get(parent_run.STUDY_TAG, study.study_name) == study.study_name
 
 

@@ -242,8 +242,8 @@ def _queue_and_run(study: NestedStudy, func: Callable[[optuna.Trial], Any], n_tr
     # Bare WAITING trials (not enqueue_trial({}), whose empty fixed params the
     # GridSampler refuses): the sampler picks their params when a worker takes them.
     waiting += _compat.add_waiting_trials(study, max(0, n_trials - len(waiting)))
+    waiting = lease.hold_settled(study, waiting)
     queued = {t.number for t in waiting}
-    lease.hold(queued)
     spec = WorkerSpec(
         study_name=study.study_name, storage=shared_storage(storage, executor),
         tracking_uri=study.tracking_uri,

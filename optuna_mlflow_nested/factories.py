@@ -127,6 +127,8 @@ def create_study(
             direction=direction, directions=directions,
         )
         created = True
+        # The mark first: processes joining meanwhile wait for this one's parent run.
+        keep = remember_trial_runs(plain, keep, created=True)
     except DuplicatedStudyError:
         if not load_if_exists:
             raise
@@ -134,7 +136,13 @@ def create_study(
                                    sampler=optuna_sampler, pruner=pruner)
         plain.sampler = resumed_sampler(plain, sampler, seed, search_space) or plain.sampler
         created = False
+        keep = remember_trial_runs(plain, keep, created=False)
+    try:
         check_metric_name(metric_name, len(plain.directions))
+    except ValueError:
+        if created:  # (load_if_exists without directions: the study was new)
+            optuna.delete_study(study_name=plain.study_name, storage=optuna_storage)
+        raise
     client = tracking.get_client(uri)
     params: dict[str, Any] = {
         "sampler": type(optuna_sampler).__name__,
@@ -146,7 +154,6 @@ def create_study(
     if search_space is not None:
         params["search_space"] = {k: list(v) for k, v in search_space.items()}
     params["trial_runs"] = trial_runs
-    keep = remember_trial_runs(plain, keep, created=created)
     parent_run_id, experiment_id = attach_parent(
         plain, client, experiment_name or plain.study_name, created=created, params={**params, **versions()},
         tags=tags, tracking_uri=uri, storage_repr=storage_repr(storage),

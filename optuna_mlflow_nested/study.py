@@ -20,8 +20,7 @@ import pandas as pd
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._executor_checks import check_optimize_args
-from optuna_mlflow_nested._executor_checks import enter_optimize
-from optuna_mlflow_nested._executor_checks import leave_optimize
+from optuna_mlflow_nested._executor_checks import searching_alone
 from optuna_mlflow_nested._study_setup import EXPERIMENT_ATTR
 from optuna_mlflow_nested._study_setup import PARENT_RUN_ATTR
 from optuna_mlflow_nested.executors import SESSION_TAG
@@ -168,42 +167,41 @@ class NestedStudy(optuna.Study):
         callbacks = list(callbacks or [])  # checked, then used: a generator would be spent
         n_workers = check_optimize_args(self, func, n_trials, timeout, n_jobs, executor, n_workers,
                                         callbacks, catch)
-        tracking.clients.check_tracking_uri_free(self.tracking_uri)
-        if n_jobs != 1 and self.seed is not None and not self._warned_reseed:
-            self._warned_reseed = True
-            warnings.warn(
-                f"n_jobs={n_jobs}: Optuna reseeds the sampler for parallel trials, so the seed "
-                "does not make this search reproducible; use n_jobs=1 for bit-identical runs.",
-                UserWarning, stacklevel=2)
-        worker = self._worker_session is not None  # a task of an executor optimize
-        ending = None
-        if not worker:
-            parent_run.start_search(self, n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
-                                    executor=executor)
-            ending = parent_run.SearchEnd(self, others_may_run=executor is None)
-        status = "FAILED"
-        enter_optimize(self)  # (a RuntimeError while another thread searches this object)
-        try:
-            if executor is not None:
-                optimize_with_executor(
-                    self, func, n_trials=n_trials, timeout=timeout, catch=catch,
-                    callbacks=callbacks, gc_after_trial=gc_after_trial,
-                    show_progress_bar=show_progress_bar, executor=executor, n_workers=n_workers)
-            else:
-                self._optimize_here(func, n_trials, timeout, n_jobs, catch, callbacks,
-                                    gc_after_trial, show_progress_bar, ending)
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            leave_optimize(self)
-            if status != "FINISHED":  # a with block of Optuna's left before its exit: else
-                _compat.stop_heartbeats_left_running(self)  # the process cannot exit
+        with searching_alone(self):  # (a RuntimeError while another thread searches it)
+            tracking.clients.check_tracking_uri_free(self.tracking_uri)
+            if n_jobs != 1 and self.seed is not None and not self._warned_reseed:
+                self._warned_reseed = True
+                warnings.warn(
+                    f"n_jobs={n_jobs}: Optuna reseeds the sampler for parallel trials, so the seed "
+                    "does not make this search reproducible; use n_jobs=1 for bit-identical runs.",
+                    UserWarning, stacklevel=2)
+            worker = self._worker_session is not None  # a task of an executor optimize
+            ending = None
             if not worker:
-                # MLflow's own HTTP retries last minutes per call: keep them short here too.
-                with tracking.short_http_retries(self.tracking_uri):
-                    self._finish(status, ending)
+                parent_run.start_search(self, n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
+                                        executor=executor)
+                ending = parent_run.SearchEnd(self, others_may_run=executor is None)
+            status = "FAILED"
+            try:
+                if executor is not None:
+                    optimize_with_executor(
+                        self, func, n_trials=n_trials, timeout=timeout, catch=catch,
+                        callbacks=callbacks, gc_after_trial=gc_after_trial,
+                        show_progress_bar=show_progress_bar, executor=executor, n_workers=n_workers)
+                else:
+                    self._optimize_here(func, n_trials, timeout, n_jobs, catch, callbacks,
+                                        gc_after_trial, show_progress_bar, ending)
+                status = "FINISHED"
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            finally:
+                if status != "FINISHED":  # a with block of Optuna's left before its exit: else
+                    _compat.stop_heartbeats_left_running(self)  # the process cannot exit
+                if not worker:
+                    # MLflow's own HTTP retries last minutes per call: keep them short here too.
+                    with tracking.short_http_retries(self.tracking_uri):
+                        self._finish(status, ending)
 
     def _optimize_here(self, func: ObjectiveFunc, n_trials: int | None, timeout: float | None,
                        n_jobs: int, catch: tuple[type[Exception], ...],

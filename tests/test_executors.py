@@ -811,25 +811,27 @@ def test_workers_keep_the_heartbeat_settings_of_the_users_storage(
     # Workers reopened an RDB storage with 5 s / 20 s heartbeats and no failed-trial
     # callback, whatever the user's storage said; a user's processes with longer
     # heartbeats then had their live trials failed by the workers' shorter grace.
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
+    # (Optuna 4.9 renamed the callback and its argument; the project supports 4.0.)
+    new_names = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"
+                    if new_names else "RetryFailedTrialCallback")
+    argument = "heartbeat_stale_trial_callback" if new_names else "failed_trial_callback"
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     with pytest.warns(optuna.exceptions.ExperimentalWarning):
-        storage = optuna.storages.RDBStorage(
-            url, heartbeat_interval=7, grace_period=30,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=7, grace_period=30,
+                                             **{argument: retry(max_retry=2)})
     study = omn.create_study("beats", storage=storage, tracking_uri=tracking_uri)
     seen: list[tuple[Any, Any, str]] = []
 
     def objective(trial: optuna.Trial) -> float:
         backend = getattr(trial.study._storage, "_backend", trial.study._storage)
         seen.append((backend.heartbeat_interval, backend.grace_period,
-                     type(backend.heartbeat_stale_trial_callback).__name__))
+                     type(getattr(backend, argument)).__name__))
         return trial.suggest_float("x", 0, 1)
 
     with ThreadPoolExecutor(1) as threads:  # (a thread's objective can tell this test)
         study.optimize(objective, n_trials=2, executor=threads)
-    assert seen == [(7, 30, "RetryHeartbeatStaleTrialCallback")] * 2
+    assert seen == [(7, 30, retry.__name__)] * 2
 
 
 def test_two_executor_calls_at_once_each_run_their_own_budget(
@@ -876,14 +878,44 @@ def test_queue_leases_order_calls_that_start_together_and_expire_with_their_call
     assert earlier.held_by_others() == set()  # the later call, still queueing, is not waited for
     found: list[set[int]] = []
     waiter = threading.Thread(target=lambda: found.append(later.held_by_others()))
-    waiter.start()  # waits for the earlier call's numbers
+    looked, original = [], study._storage.get_study_system_attrs
+    polled = threading.Event()
+
+    def watched(study_id: int) -> dict[str, Any]:
+        if threading.current_thread() is waiter:
+            looked.append(1)
+            if len(looked) >= 3:  # three looks at the others' leases: it is waiting
+                polled.set()
+        return original(study_id)
+
+    monkeypatch.setattr(study._storage, "get_study_system_attrs", watched)
+    waiter.start()
+    assert polled.wait(timeout=60)  # it waits for the earlier call's numbers
     earlier.hold([3, 4, 5, 9])
     waiter.join(timeout=60)
     assert found == [{3, 4, 5, 9}]
     later.hold([10, 11])
     assert earlier.held_by_others() == {10, 11}
+    assert earlier.held_by_others(earlier_only=True) == set()
     monkeypatch.setattr(_queue_leases, "LEASE_S", 0.0)  # as if the later call died long ago
     assert earlier.held_by_others() == set()
     monkeypatch.setattr(_queue_leases, "LEASE_S", 120.0)
     later.release()
     assert earlier.held_by_others() == set()
+
+
+def test_a_call_that_counted_a_later_calls_new_trials_keeps_them_and_the_later_requeues(
+        tmp_path: Path) -> None:
+    # The earlier call read the study before the later one's mark was written, so it
+    # does not wait for it: it can count the later call's new, not yet held, trials.
+    from optuna_mlflow_nested import _compat
+    from optuna_mlflow_nested._queue_leases import QueueLease
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    earlier, later = QueueLease(study, "a"), QueueLease(study, "b")
+    laters_new = _compat.add_waiting_trials(study, 3)  # not held yet
+    assert earlier.held_by_others() == set()
+    counted = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.number for t in earlier.hold_settled(study, counted)] == [0, 1, 2]
+    assert [t.number for t in later.hold_settled(study, laters_new)] == [3, 4, 5]
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 6

@@ -46,19 +46,28 @@ def test_create_study_load_if_exists_adopts_a_plain_optuna_study_at_once(
 
 
 def test_a_project_study_still_being_created_is_waited_for(
-        tmp_path: Path, tracking_uri: str) -> None:
-    # No parent run yet, no trial, but its creator's mark: a joiner waits (and, in this
-    # test, finds the parent its creator made meanwhile).
+        tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No parent run yet, no trial, but its creator's mark: a joiner waits for the parent
+    # its creator makes meanwhile, rather than adopting the study with one of its own.
     import threading
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     plain = optuna.create_study(study_name="racing", storage=storage)
     storage.set_study_system_attr(plain._study_id, _study_setup.TRIAL_RUNS_ATTR, "all")
+    waiting = threading.Event()
+    wait_for_parent = _study_setup._wait_for_parent
+
+    def seen_waiting(study: optuna.Study) -> dict:
+        waiting.set()
+        return wait_for_parent(study)
+
+    monkeypatch.setattr(_study_setup, "_wait_for_parent", seen_waiting)
     joined: list[omn.NestedStudy] = []
     joiner = threading.Thread(target=lambda: joined.append(omn.create_study(
         "racing", storage=storage, tracking_uri=tracking_uri, load_if_exists=True)))
     joiner.start()
-    # The creator's part, done by hand after the joiner began to wait.
+    assert waiting.wait(timeout=60)
+    # The creator's part, done by hand while the joiner waits.
     client = MlflowClient(tracking_uri)
     experiment_id = client.create_experiment("racing")
     run_id = client.create_run(experiment_id, tags={"optuna.role": "study",
@@ -127,6 +136,11 @@ def test_metric_names_that_do_not_match_the_directions_are_refused_up_front(
     with pytest.raises(ValueError, match="metric_name"):
         omn.create_study("mo", storage=storage, tracking_uri=tracking_uri,
                          load_if_exists=True, metric_name=metric_name)
+    # load_if_exists without directions, the study new: one objective, refused, not kept.
+    with pytest.raises(ValueError, match="metric_name"):
+        omn.create_study("new", storage=storage, tracking_uri=tracking_uri,
+                         load_if_exists=True, metric_name=["a", "b"])
+    assert optuna.get_all_study_names(storage) == ["mo"]
 
 
 def test_a_long_metric_names_intermediate_values_keep_their_suffix_within_mlflows_limit(
@@ -172,7 +186,11 @@ def test_a_second_thread_optimizing_the_same_study_object_is_refused(
     assert inside.wait(timeout=60)
     try:
         with pytest.raises(RuntimeError, match="another thread"):
-            study.optimize(quadratic, n_trials=2)
+            study.optimize(quadratic, n_trials=5)
+        # Refused before it touched the parent run (its budget, its status).
+        parent = MlflowClient(tracking_uri).get_run(study.parent_run_id)
+        assert parent.data.tags["budget.n_trials"] == "2"
+        assert parent.info.status == "RUNNING"
     finally:
         tried.set()
         first.join(timeout=60)
