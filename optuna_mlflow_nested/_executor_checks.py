@@ -3,16 +3,12 @@ run, and the storage the workers are given."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import concurrent.futures
-import contextlib
 import inspect
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-import threading
 from typing import Any
 import warnings
-import weakref
 
 import optuna
 
@@ -176,33 +172,3 @@ def resolve_workers(executor: Any, n_workers: int | None) -> int:
         raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
     return n_workers
 
-
-_optimizing_lock = threading.Lock()
-#: Study object -> the thread in its optimize (one per object: its tracker and parent
-#: run's end belong to one search at a time).
-_optimizing: weakref.WeakKeyDictionary[optuna.Study, int] = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def searching_alone(study: optuna.Study) -> Iterator[None]:
-    """``study``'s search in this thread; a RuntimeError if another thread's is running.
-
-    Plain Optuna lets two threads run ``optimize`` on one study object; here the first
-    to end closed the other's trials as failed (their runs FAILED, though Optuna had
-    them COMPLETE), and each began and ended the parent run's search. ``n_jobs``, or a
-    study object per thread (``omn.load_study``), runs them side by side.
-    """
-    with _optimizing_lock:
-        other = _optimizing.get(study)
-        if other is not None and other != threading.get_ident():
-            raise RuntimeError(
-                f"study {study.study_name!r}: optimize is already running on this study "
-                "object in another thread; use n_jobs, or a study object per thread "
-                "(omn.load_study(name, storage, tracking_uri=...))")
-        _optimizing[study] = threading.get_ident()
-    try:
-        yield
-    finally:
-        with _optimizing_lock:
-            if _optimizing.get(study) == threading.get_ident():
-                del _optimizing[study]

@@ -20,7 +20,6 @@ import pandas as pd
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._executor_checks import check_optimize_args
-from optuna_mlflow_nested._executor_checks import searching_alone
 from optuna_mlflow_nested._study_setup import EXPERIMENT_ATTR
 from optuna_mlflow_nested._study_setup import PARENT_RUN_ATTR
 from optuna_mlflow_nested.executors import SESSION_TAG
@@ -101,8 +100,9 @@ class NestedStudy(optuna.Study):
     # pickling (executors send the study to workers): no threads, no clients ---------
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        for local in ("_tracker", "_omn_local", "_figures_pending"):
-            state.pop(local, None)
+        state.pop("_tracker", None)
+        state.pop("_omn_local", None)
+        state.pop("_figures_pending", None)
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
@@ -157,7 +157,6 @@ class NestedStudy(optuna.Study):
         Raises:
             ValueError: a bad argument; with ``executor``, an in-memory store, or an
                 objective, callback, sampler, pruner or ``catch`` that cannot be pickled.
-            RuntimeError: another thread runs ``optimize`` on this study object.
         """
         if getattr(self._omn_local, "optimizing", False):
             # Optuna refuses nested optimize; let it say so without touching our runs.
@@ -167,41 +166,40 @@ class NestedStudy(optuna.Study):
         callbacks = list(callbacks or [])  # checked, then used: a generator would be spent
         n_workers = check_optimize_args(self, func, n_trials, timeout, n_jobs, executor, n_workers,
                                         callbacks, catch)
-        with searching_alone(self):  # (a RuntimeError while another thread searches it)
-            tracking.clients.check_tracking_uri_free(self.tracking_uri)
-            if n_jobs != 1 and self.seed is not None and not self._warned_reseed:
-                self._warned_reseed = True
-                warnings.warn(
-                    f"n_jobs={n_jobs}: Optuna reseeds the sampler for parallel trials, so the seed "
-                    "does not make this search reproducible; use n_jobs=1 for bit-identical runs.",
-                    UserWarning, stacklevel=2)
-            worker = self._worker_session is not None  # a task of an executor optimize
-            ending = None
+        tracking.clients.check_tracking_uri_free(self.tracking_uri)
+        if n_jobs != 1 and self.seed is not None and not self._warned_reseed:
+            self._warned_reseed = True
+            warnings.warn(
+                f"n_jobs={n_jobs}: Optuna reseeds the sampler for parallel trials, so the seed "
+                "does not make this search reproducible; use n_jobs=1 for bit-identical runs.",
+                UserWarning, stacklevel=2)
+        worker = self._worker_session is not None  # a task of an executor optimize
+        ending = None
+        if not worker:
+            parent_run.start_search(self, n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
+                                    executor=executor)
+            ending = parent_run.SearchEnd(self, others_may_run=executor is None)
+        status = "FAILED"
+        try:
+            if executor is not None:
+                optimize_with_executor(
+                    self, func, n_trials=n_trials, timeout=timeout, catch=catch,
+                    callbacks=callbacks, gc_after_trial=gc_after_trial,
+                    show_progress_bar=show_progress_bar, executor=executor, n_workers=n_workers)
+            else:
+                self._optimize_here(func, n_trials, timeout, n_jobs, catch, callbacks,
+                                    gc_after_trial, show_progress_bar, ending)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if status != "FINISHED":  # a with block of Optuna's left before its exit: else
+                _compat.stop_heartbeats_left_running(self)  # the process cannot exit
             if not worker:
-                parent_run.start_search(self, n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
-                                        executor=executor)
-                ending = parent_run.SearchEnd(self, others_may_run=executor is None)
-            status = "FAILED"
-            try:
-                if executor is not None:
-                    optimize_with_executor(
-                        self, func, n_trials=n_trials, timeout=timeout, catch=catch,
-                        callbacks=callbacks, gc_after_trial=gc_after_trial,
-                        show_progress_bar=show_progress_bar, executor=executor, n_workers=n_workers)
-                else:
-                    self._optimize_here(func, n_trials, timeout, n_jobs, catch, callbacks,
-                                        gc_after_trial, show_progress_bar, ending)
-                status = "FINISHED"
-            except KeyboardInterrupt:
-                status = "KILLED"
-                raise
-            finally:
-                if status != "FINISHED":  # a with block of Optuna's left before its exit: else
-                    _compat.stop_heartbeats_left_running(self)  # the process cannot exit
-                if not worker:
-                    # MLflow's own HTTP retries last minutes per call: keep them short here too.
-                    with tracking.short_http_retries(self.tracking_uri):
-                        self._finish(status, ending)
+                # MLflow's own HTTP retries last minutes per call: keep them short here too.
+                with tracking.short_http_retries(self.tracking_uri):
+                    self._finish(status, ending)
 
     def _optimize_here(self, func: ObjectiveFunc, n_trials: int | None, timeout: float | None,
                        n_jobs: int, catch: tuple[type[Exception], ...],
@@ -319,7 +317,10 @@ class NestedStudy(optuna.Study):
                 if k.startswith(RUN_ATTR_PREFIX)}
 
     def _trial_by_number(self, number: int) -> FrozenTrial | None:
-        return next((t for t in self.get_trials(deepcopy=False) if t.number == number), None)
+        for trial in self.get_trials(deepcopy=False):
+            if trial.number == number:
+                return trial
+        return None
 
     def child_run_id(self, trial_number: int) -> str:
         """The MLflow run id of trial ``trial_number``."""
@@ -332,7 +333,8 @@ class NestedStudy(optuna.Study):
 
     def child_runs(self) -> pd.DataFrame:
         """``mlflow.search_runs`` of this study's trial runs, oldest first."""
-        # This study's own client: MLflow's global tracking URI may be another study's.
+        # Through this study's own client: MLflow's process-wide tracking URI may be
+        # another study's right now.
         with tracking.short_http_retries(self.tracking_uri):
             return tracking.clients.search_runs_frame(
                 self._client, [self.experiment_id],

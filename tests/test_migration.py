@@ -165,41 +165,33 @@ def test_a_long_metric_names_intermediate_values_keep_their_suffix_within_mlflow
     assert run.data.metrics[name] == 1.0
 
 
-def test_a_second_thread_optimizing_the_same_study_object_is_refused(
+def test_two_threads_optimizing_one_study_object_leave_each_others_trials_alone(
         tracking_uri: str) -> None:
-    # Plain Optuna lets two threads search one study object; here the first search to
-    # end closed the other's running trial as failed: its run FAILED while Optuna had
-    # it COMPLETE. A study object per thread (load_study) searches side by side.
+    # Optuna lets two threads run optimize on one study object (its own tests do). The
+    # first search to end closed the other's running trial as failed: its run FAILED
+    # while Optuna had the trial COMPLETE.
     import threading
 
     study = omn.create_study("shared", tracking_uri=tracking_uri)
-    inside, tried = threading.Event(), threading.Event()
+    inside, other_ended = threading.Event(), threading.Event()
 
-    def waits_for_the_other_thread(trial: optuna.Trial) -> float:
+    def outlasts_the_other_search(trial: optuna.Trial) -> float:
         inside.set()
-        assert tried.wait(timeout=60)
+        assert other_ended.wait(timeout=60)
         return quadratic(trial)
 
-    first = threading.Thread(target=lambda: study.optimize(waits_for_the_other_thread,
-                                                           n_trials=2))
+    first = threading.Thread(target=lambda: study.optimize(outlasts_the_other_search,
+                                                           n_trials=1))
     first.start()
     assert inside.wait(timeout=60)
-    try:
-        with pytest.raises(RuntimeError, match="another thread"):
-            study.optimize(quadratic, n_trials=5)
-        # Refused before it touched the parent run (its budget, its status).
-        parent = MlflowClient(tracking_uri).get_run(study.parent_run_id)
-        assert parent.data.tags["budget.n_trials"] == "2"
-        assert parent.info.status == "RUNNING"
-    finally:
-        tried.set()
-        first.join(timeout=60)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    study.optimize(quadratic, n_trials=2)  # begins and ends while the first one's trial runs
+    other_ended.set()
+    first.join(timeout=60)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     runs = MlflowClient(tracking_uri).search_runs(
         [study.experiment_id], f"tags.mlflow.parentRunId = '{study.parent_run_id}'")
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
-    study.optimize(quadratic, n_trials=1)  # once the first search ended, any thread may
-    assert len(study.trials) == 3
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == [0, 1, 2]
 
 
 def test_colliding_param_names_land_under_the_same_keys_whatever_the_suggest_order(

@@ -206,3 +206,15 @@ def trial_record(
         metrics=metrics,
         texts={"traceback.txt": error_text} if error_text else {},
     )
+
+
+def fail_non_finite(trial: optuna.Trial, result: Any) -> Any:
+    """Turn +/-inf into NaN, which Optuna records as a FAILED trial while the study goes on."""
+    values = result if isinstance(result, Sequence) and not isinstance(result, str) else [result]
+    try:
+        if any(math.isinf(float(v)) for v in values):
+            trial.set_user_attr("non_finite_value", str(result))
+            return float("nan") if values is not result else [float("nan")] * len(values)
+    except (TypeError, ValueError):
+        pass
+    return result

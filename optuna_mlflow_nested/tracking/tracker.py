@@ -12,7 +12,6 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
 import contextlib
-import math
 import os
 import threading
 import traceback
@@ -36,6 +35,7 @@ from optuna_mlflow_nested.tracking.process_session import WriterProcessLost
 from optuna_mlflow_nested.tracking.process_session import in_executor_worker
 from optuna_mlflow_nested.tracking.process_session import uses_writer_process
 from optuna_mlflow_nested.tracking.records import as_failed
+from optuna_mlflow_nested.tracking.records import fail_non_finite
 from optuna_mlflow_nested.tracking.records import trial_record
 from optuna_mlflow_nested.tracking.run_pool import RunPool
 from optuna_mlflow_nested.tracking.run_pool import create_pending_run
@@ -99,6 +99,7 @@ class TrialTracker:
         self._pool_tags = pool_tags  # e.g. the executor session that owns the spare runs
         self._lock = threading.Lock()
         self._open: dict[int, Run | None] = {}  # trial number -> its run (None: made later)
+        self._in_objective: set[int] = set()  # trials whose objective runs now (any thread)
         self._errors: dict[int, str] = {}
         self._pool: RunPool | None = None
         self._writer: Writer | None = None
@@ -306,6 +307,8 @@ class TrialTracker:
         """The objective, run inside its trial's child run."""
 
         def run_in_child(trial: optuna.Trial) -> Any:
+            with self._lock:
+                self._in_objective.add(trial.number)
             try:
                 with self.activate(trial):
                     result = objective(trial)
@@ -317,7 +320,10 @@ class TrialTracker:
                 scrub_exception(exc)
                 self._errors[trial.number] = redact_secrets(traceback.format_exc())
                 raise
-            return _fail_non_finite(trial, result)
+            finally:
+                with self._lock:
+                    self._in_objective.discard(trial.number)
+            return fail_non_finite(trial, result)
 
         return run_in_child
 
@@ -370,9 +376,10 @@ class TrialTracker:
         return record.run_id
 
     def close_open_trials(self, study: optuna.Study) -> None:
-        """Close trials whose callback never ran (an exception or interrupt ended optimize)."""
+        """Close trials whose callback never ran (an exception or interrupt ended optimize);
+        not those whose objective runs on in another thread's optimize of this study."""
         with self._lock:
-            numbers = list(self._open)
+            numbers = [n for n in self._open if n not in self._in_objective]
         if not numbers:
             return
         trials = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -384,15 +391,3 @@ class TrialTracker:
                 # Interrupted mid-objective: Optuna will never finish it in this process.
                 trial = as_failed(trial)
             self.close_trial(study, trial)
-
-
-def _fail_non_finite(trial: optuna.Trial, result: Any) -> Any:
-    """Turn +/-inf into NaN, which Optuna records as a FAILED trial while the study goes on."""
-    values = result if isinstance(result, Sequence) and not isinstance(result, str) else [result]
-    try:
-        if any(math.isinf(float(v)) for v in values):
-            trial.set_user_attr("non_finite_value", str(result))
-            return float("nan") if values is not result else [float("nan")] * len(values)
-    except (TypeError, ValueError):
-        pass
-    return result
