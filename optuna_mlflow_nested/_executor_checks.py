@@ -171,4 +171,3 @@ def resolve_workers(executor: Any, n_workers: int | None) -> int:
     if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers <= 0:
         raise ValueError(f"n_workers must be a positive integer, got {n_workers!r}")
     return n_workers
-

@@ -51,7 +51,7 @@ class QueueLease:
             held: set[int] = set()
             waiting_for_earlier = False
             for session, lease in self._live_leases():
-                earlier = self._sort_key(lease, session) < mine
+                earlier = (lease["at"], session) < mine
                 if lease["numbers"] is not None and (earlier or not earlier_only):
                     held.update(_expand(lease["numbers"]))
                 elif lease["numbers"] is None and earlier:
@@ -101,10 +101,6 @@ class QueueLease:
                 for key, value in self._store.get_study_system_attrs(self._sid).items()
                 if key.startswith(PREFIX) and key != self._key and isinstance(value, dict)
                 and now - value.get("renewed", 0) < LEASE_S]
-
-    @staticmethod
-    def _sort_key(lease: dict[str, Any], session: str) -> tuple[float, str]:
-        return lease["at"], session
 
 
 def _ranges(numbers: list[int]) -> list[list[int]]:

@@ -78,31 +78,35 @@ def _parent_on_its_way(study: optuna.Study, attrs: dict[str, Any], mark_wait: fl
         return True
     if study.get_trials(deepcopy=False):
         return False
-    storage, study_id = _compat.study_storage(study)
-    deadline = time.monotonic() + mark_wait
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        attrs = storage.get_study_system_attrs(study_id)
-        if TRIAL_RUNS_ATTR in attrs or PARENT_RUN_ATTR in attrs:
-            return True
-    return False
+    return _attrs_with_any(study, (TRIAL_RUNS_ATTR, PARENT_RUN_ATTR), mark_wait) is not None
 
 
 def _wait_for_parent(study: optuna.Study) -> dict[str, Any]:
-    storage, study_id = _compat.study_storage(study)
-    deadline = time.monotonic() + _PARENT_WAIT_SECONDS
-    delay = 0.05
-    while time.monotonic() < deadline:
-        attrs = storage.get_study_system_attrs(study_id)
-        if PARENT_RUN_ATTR in attrs:
-            return attrs
-        time.sleep(delay)
-        delay = min(delay * 2, 1.0)
+    attrs = _attrs_with_any(study, (PARENT_RUN_ATTR,), _PARENT_WAIT_SECONDS)
+    if attrs is not None:
+        return attrs
     warnings.warn(
         f"study {study.study_name!r} has no MLflow parent run after "
         f"{_PARENT_WAIT_SECONDS:.0f}s; creating one", RuntimeWarning, stacklevel=4,
     )
+    storage, study_id = _compat.study_storage(study)
     return storage.get_study_system_attrs(study_id)
+
+
+def _attrs_with_any(study: optuna.Study, keys: tuple[str, ...],
+                seconds: float) -> dict[str, Any] | None:
+    """The study's system attributes once one of ``keys`` is among them (looked at with a
+    growing pause, up to a second), or ``None`` after ``seconds``."""
+    storage, study_id = _compat.study_storage(study)
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while time.monotonic() < deadline:
+        attrs = storage.get_study_system_attrs(study_id)
+        if any(key in attrs for key in keys):
+            return attrs
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+    return None
 
 
 def _own_parent(client: MlflowClient, study: optuna.Study, run_id: str,

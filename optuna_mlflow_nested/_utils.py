@@ -96,14 +96,14 @@ def safe_mapping(items: dict[str, Any], to_value: Any) -> dict[str, str]:
     >>> safe_mapping({"lr@1": 1, "lr_1": 2}, str)
     {'lr_1-1': '1', 'lr_1': '2'}
     """
+    safe = {raw_key: safe_key(raw_key) for raw_key in items}  # (once: per trial, per key)
     keys: dict[Any, str] = {}
     taken: set[str] = set()
-    for raw_key in sorted(items, key=lambda k: (safe_key(k) != str(k), str(k))):
-        key = safe_key(raw_key)
-        n = 1
+    for raw_key in sorted(items, key=lambda k: (safe[k] != str(k), str(k))):
+        key, n = safe[raw_key], 1
         while key in taken:
             suffix = f"-{n}"
-            key = safe_key(raw_key)[: MAX_ENTITY_KEY_LENGTH - len(suffix)] + suffix
+            key = safe[raw_key][: MAX_ENTITY_KEY_LENGTH - len(suffix)] + suffix
             n += 1
         keys[raw_key] = key
         taken.add(key)

@@ -102,9 +102,9 @@ class WorkerSpec:
     gc_after_trial: bool
     deadline: float | None  # epoch seconds
     session: str
+    heartbeats: Heartbeats  # those of the calling process's storage (RDB storages)
     trial_inputs: tuple[dict[str, Any], ...] = ()  # datasets every trial run logs
     queued: tuple[int, ...] = ()  # the budget: ids of the WAITING trials, in number order
-    heartbeats: Heartbeats | None = None  # (None: Heartbeats.of(storage) in the worker)
 
 
 _in_objective = False
@@ -187,7 +187,7 @@ def _run_worker(spec: WorkerSpec) -> int:
     storage = spec.storage
     url = _compat.rdb_url(storage) if not isinstance(storage, str) else storage
     if url is not None and url.startswith(("sqlite", "postgresql", "mysql")):
-        storage = (spec.heartbeats or Heartbeats.of(storage)).storage(url)
+        storage = spec.heartbeats.storage(url)
     study = load_study(spec.study_name, storage, tracking_uri=spec.tracking_uri,
                        sampler=spec.sampler, pruner=spec.pruner, metric_name=spec.metric_name)
     study.sampler.reseed_rng()  # every worker got the same sampler state
@@ -268,7 +268,7 @@ def _queue_and_run(study: NestedStudy, func: Callable[[optuna.Trial], Any], n_tr
                 time.sleep(0.1)
         _end_spare_runs(study, spec.session)
         raise
-    if _fail_stale_trials(study, queued, spec.heartbeats or Heartbeats.of(storage)):
+    if _fail_stale_trials(study, queued, spec.heartbeats):
         study.reconcile(create_missing=True)  # those trials died before their run was known
     _end_spare_runs(study, spec.session)
     if errors and all(map(_lost_job, errors)) and not _budget_left(study, queued):

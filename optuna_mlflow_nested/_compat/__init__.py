@@ -173,8 +173,8 @@ def running_trials_without_heartbeat(study: optuna.Study) -> set[int]:
     from optuna.storages._rdb import models
 
     storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    if not (isinstance(backend, optuna.storages.RDBStorage) and is_heartbeat_enabled(storage)):
+    backend = rdb_storage(storage)
+    if backend is None or not is_heartbeat_enabled(storage):
         return set()
     session = backend.scoped_session()
     try:

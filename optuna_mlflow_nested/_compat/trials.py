@@ -53,9 +53,11 @@ def trial_id(trial: FrozenTrial) -> int:
 
 def _added_in_chunks(storage: Any, study_id: int, n: int) -> list[int] | None:
     """The new trials' ids, or None where this storage has no such path (not RDB)."""
-    backend = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in a cache
+    from optuna_mlflow_nested._compat import rdb_storage  # (the package imports this module)
+
+    backend = rdb_storage(storage)
     prepare = getattr(backend, "_get_prepared_new_trial", None)
-    if not isinstance(backend, optuna.storages.RDBStorage) or prepare is None:
+    if backend is None or prepare is None:
         return None
     try:
         from optuna.storages._rdb import models

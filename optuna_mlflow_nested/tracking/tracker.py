@@ -99,7 +99,7 @@ class TrialTracker:
         self._pool_tags = pool_tags  # e.g. the executor session that owns the spare runs
         self._lock = threading.Lock()
         self._open: dict[int, Run | None] = {}  # trial number -> its run (None: made later)
-        self._in_objective: set[int] = set()  # trials whose objective runs now (any thread)
+        self._in_objective: set[int] = set()  # trials whose code runs in their run now
         self._errors: dict[int, str] = {}
         self._pool: RunPool | None = None
         self._writer: Writer | None = None
@@ -289,10 +289,12 @@ class TrialTracker:
         """Trial ``trial``'s run is the calling thread's active MLflow run inside."""
         run = self.run_of(trial.number) or self.fallback_run
         ended: list[str] = []
+        self._in_objective.add(trial.number)  # (set.add and discard are atomic: no lock)
         try:
             with _compat.trial_active_run(run, self._client) as ended, running_trial(trial):
                 yield run
         finally:
+            self._in_objective.discard(trial.number)
             if run is None and ended:
                 # No run to make active (the server was away when the trial began): the
                 # objective's mlflow.log_* calls started runs of their own in MLflow's
@@ -307,8 +309,6 @@ class TrialTracker:
         """The objective, run inside its trial's child run."""
 
         def run_in_child(trial: optuna.Trial) -> Any:
-            with self._lock:
-                self._in_objective.add(trial.number)
             try:
                 with self.activate(trial):
                     result = objective(trial)
@@ -320,9 +320,6 @@ class TrialTracker:
                 scrub_exception(exc)
                 self._errors[trial.number] = redact_secrets(traceback.format_exc())
                 raise
-            finally:
-                with self._lock:
-                    self._in_objective.discard(trial.number)
             return fail_non_finite(trial, result)
 
         return run_in_child
@@ -377,7 +374,8 @@ class TrialTracker:
 
     def close_open_trials(self, study: optuna.Study) -> None:
         """Close trials whose callback never ran (an exception or interrupt ended optimize);
-        not those whose objective runs on in another thread's optimize of this study."""
+        not those whose code still runs in their run (another thread's optimize of this
+        study, or ``trial_run``)."""
         with self._lock:
             numbers = [n for n in self._open if n not in self._in_objective]
         if not numbers:
