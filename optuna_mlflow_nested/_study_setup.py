@@ -17,6 +17,7 @@ import optuna
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._utils import redact_uri
+from optuna_mlflow_nested._utils import safe_key
 from optuna_mlflow_nested.tracking import parent as parent_run
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -186,14 +187,20 @@ def check_directions(direction: Any, directions: Any) -> None:
 
 def check_metric_name(metric_name: Any, n_objectives: int | None = None) -> None:
     """A string (broadcast as ``name_i`` over several objectives), or one string per
-    objective where ``n_objectives`` is known."""
-    if isinstance(metric_name, str):
-        return
-    if not isinstance(metric_name, Sequence) or not all(isinstance(m, str) for m in metric_name):
+    objective where ``n_objectives`` is known; no two names, nor a name and the
+    ``trial_number`` metric of each child run, may share an MLflow key."""
+    names = [metric_name] if isinstance(metric_name, str) else metric_name
+    if not isinstance(names, Sequence) or not all(isinstance(m, str) for m in names):
         raise TypeError(f"metric_name must be a string or a sequence of strings, got {metric_name!r}")
-    if n_objectives is not None and len(metric_name) != n_objectives:
-        raise ValueError(f"metric_name names {len(metric_name)} value(s) but the study has "
-                         f"{n_objectives} objective(s): {list(metric_name)!r}")
+    if not isinstance(metric_name, str) and n_objectives not in (None, len(names)):
+        raise ValueError(f"metric_name names {len(names)} value(s) but the study has "
+                         f"{n_objectives} objective(s): {list(names)!r}")
+    if isinstance(metric_name, str) and (n_objectives or 1) > 1:  # as records.metric_names
+        names = [f"{metric_name}_{i}" for i in range(n_objectives or 1)]
+    keys = [safe_key(name) for name in [*names, "trial_number"]]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"metric_name {metric_name!r}: two metrics would get the same MLflow "
+                         f"key (keys {keys[:-1]!r}; each child run also logs 'trial_number')")
 
 
 def versions() -> dict[str, str]:

@@ -8,9 +8,11 @@ import contextlib
 import functools
 import gc
 import multiprocessing
+import pickle
 import re
 import sys
 import threading
+import traceback
 from typing import Any
 from typing import ParamSpec
 from typing import TypeVar
@@ -135,6 +137,33 @@ def scrub_exception(exc: BaseException) -> BaseException:
             pass
         current = current.__cause__ or current.__context__
     return exc
+
+
+def error_that_travels(exc: Exception) -> Exception:
+    """``exc``, or a ``RuntimeError`` naming it, with its message and traceback, when
+    ``exc`` does not survive pickling.
+
+    An executor sends a task's error back pickled. A process pool whose result does not
+    unpickle (an exception whose ``__init__`` takes other arguments than its ``args``)
+    breaks: every task fails with "terminated abruptly" and the error is lost.
+
+    >>> class TwoArgs(Exception):
+    ...     def __init__(self, a, b):
+    ...         super().__init__(f"{a} {b}")
+    >>> str(error_that_travels(TwoArgs("too", "far"))).split(" (")[0]
+    'a worker raised optuna_mlflow_nested._utils.TwoArgs: too far'
+    >>> error_that_travels(ValueError("x")).args
+    ('x',)
+    """
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception as why:
+        kind = type(exc)
+        shown = "".join(traceback.format_exception(exc))
+        return RuntimeError(redact_secrets(
+            f"a worker raised {kind.__module__}.{kind.__qualname__}: {exc} (which cannot be "
+            f"sent back as it is: {type(why).__name__}: {why}); its traceback there:\n{shown}"))
 
 
 _P = ParamSpec("_P")

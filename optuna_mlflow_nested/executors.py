@@ -36,6 +36,7 @@ from optuna_mlflow_nested._executor_checks import resolve_workers
 from optuna_mlflow_nested._executor_checks import shared_storage
 from optuna_mlflow_nested._heartbeats import Heartbeats
 from optuna_mlflow_nested._queue_leases import QueueLease
+from optuna_mlflow_nested._utils import error_that_travels
 from optuna_mlflow_nested._utils import quick_exit_if_submitit_job
 from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested.tracking.delivery import equals_clause
@@ -162,9 +163,7 @@ def run_worker(spec: WorkerSpec, task: int = 0) -> int:
 
     Args:
         spec: what every task of one ``optimize`` shares.
-        task: this task's index. Unused here, but it makes each task's arguments
-            differ: Dask gives calls with equal arguments one key, so ``n_workers``
-            identical submissions would run as one task.
+        task: this task's index, unused; Dask runs equal submissions as one task.
 
     Returns:
         How many trials this task ran.
@@ -174,6 +173,10 @@ def run_worker(spec: WorkerSpec, task: int = 0) -> int:
     token = in_executor_worker.set(True)  # writer threads here (see uses_writer_process)
     try:
         return _run_worker(spec)
+    except Exception as exc:
+        if (sent := error_that_travels(exc)) is not exc:
+            raise sent from None
+        raise
     finally:
         in_executor_worker.reset(token)
         # optimize waits for a submitit job's process to exit: its last collections

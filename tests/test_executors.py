@@ -226,6 +226,40 @@ def test_callbacks_given_as_a_generator_reach_the_workers(tmp_path: Path,
     assert sorted(study.user_attrs) == [f"called-{n}" for n in range(4)]
 
 
+class TwoArgumentError(Exception):
+    # Pickles as TwoArgumentError(message): unpickling it calls __init__ with one argument.
+    def __init__(self, what: str, value: float) -> None:
+        super().__init__(f"{what}: {value}")
+
+
+def fails_from_the_third_trial(trial: optuna.Trial) -> float:
+    x = quadratic(trial)
+    if trial.number >= 2:
+        raise TwoArgumentError("too far", x)
+    return x
+
+
+def test_an_objective_error_that_does_not_unpickle_reaches_the_caller(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # Without an executor Optuna re-raises the objective's error. A process pool sends
+    # a worker's error back pickled; one that does not unpickle broke the pool
+    # (BrokenProcessPool: "terminated abruptly"), which hid the error and its traceback.
+    study = make_study(tmp_path, "unpickled", tracking_uri)
+    with ProcessPoolExecutor(1) as pool:
+        with pytest.raises(RuntimeError, match=r"TwoArgumentError: too far: ") as raised:
+            study.optimize(fails_from_the_third_trial, n_trials=4, executor=pool)
+        assert pool.submit(int, "3").result() == 3, "the pool still works"
+    assert "in fails_from_the_third_trial" in str(raised.value), "the worker's traceback"
+    states = [t.state.name for t in study.trials]
+    assert states[:3] == ["COMPLETE", "COMPLETE", "FAIL"]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([study.experiment_id],
+                              f"tags.mlflow.parentRunId = '{study.parent_run_id}'")
+    assert {int(r.data.tags["optuna.trial_number"]): r.info.status for r in runs} == {
+        0: "FINISHED", 1: "FINISHED", 2: "FAILED"}
+    assert client.get_run(study.parent_run_id).info.status == "FAILED"
+
+
 def test_a_relative_sqlite_storage_reaches_workers_started_in_another_folder(
         tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # A Dask worker or a submitit job starts in its own folder: a relative

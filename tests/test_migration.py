@@ -143,6 +143,22 @@ def test_metric_names_that_do_not_match_the_directions_are_refused_up_front(
     assert optuna.get_all_study_names(storage) == ["mo"]
 
 
+@pytest.mark.parametrize("metric_name", ["trial_number", ["a", "a"], ["a@b", "a_b"]])
+def test_metric_names_that_would_share_a_key_are_refused_up_front(
+        tmp_path: Path, tracking_uri: str, metric_name: str | list[str]) -> None:
+    # Each child run logs the trial's number as "trial_number", and MLflow keys replace
+    # '@' by '_': these names were taken, and one value silently overwrote another.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    directions = ["minimize"] * (1 if isinstance(metric_name, str) else 2)
+    with pytest.raises(ValueError, match=r"metric_name .*same MLflow key"):
+        omn.create_study("clash", storage=storage, tracking_uri=tracking_uri,
+                         directions=directions, metric_name=metric_name)
+    assert optuna.get_all_study_names(storage) == []
+    omn.create_study("clash", storage=storage, tracking_uri=tracking_uri, directions=directions)
+    with pytest.raises(ValueError, match=r"metric_name .*same MLflow key"):
+        omn.load_study("clash", storage, tracking_uri=tracking_uri, metric_name=metric_name)
+
+
 def test_a_long_metric_names_intermediate_values_keep_their_suffix_within_mlflows_limit(
         tracking_uri: str) -> None:
     # "<name>_intermediate" went past MLflow's 250 characters: every intermediate value
