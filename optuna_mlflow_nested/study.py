@@ -28,6 +28,7 @@ from optuna_mlflow_nested.executors import QueuedBudget
 from optuna_mlflow_nested.executors import optimize_with_executor
 from optuna_mlflow_nested.samplers import SAMPLER_NAMES
 from optuna_mlflow_nested.samplers import make_sampler
+from optuna_mlflow_nested.tracking import ask_tell_end
 from optuna_mlflow_nested.tracking import parent as parent_run
 from optuna_mlflow_nested.tracking.delivery import equals_clause
 from optuna_mlflow_nested.tracking.process_session import prepare_writer
@@ -90,6 +91,7 @@ class NestedStudy(optuna.Study):
         self._warned_reseed = False
         self._tracker: tracking.TrialTracker | None = None
         self._omn_local = threading.local()
+        self._searching: set[int] = set()  # threads in optimize: the last ends the parent
         self._figures_pending: Callable[[float], bool] | None = None  # drawn elsewhere
         #: Set in executor workers: ask() only takes queued trials of the shared budget.
         self._worker_session: str | None = None
@@ -100,15 +102,14 @@ class NestedStudy(optuna.Study):
     # pickling (executors send the study to workers): no threads, no clients ---------
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        state.pop("_tracker", None)
-        state.pop("_omn_local", None)
-        state.pop("_figures_pending", None)
+        for name in ("_tracker", "_omn_local", "_figures_pending"):
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         self._tracker = None
-        self._omn_local = threading.local()
+        self._omn_local, self._searching = threading.local(), set()
         self._figures_pending = None
 
     @property
@@ -169,16 +170,16 @@ class NestedStudy(optuna.Study):
         tracking.clients.check_tracking_uri_free(self.tracking_uri)
         if n_jobs != 1 and self.seed is not None and not self._warned_reseed:
             self._warned_reseed = True
-            warnings.warn(
-                f"n_jobs={n_jobs}: Optuna reseeds the sampler for parallel trials, so the seed "
-                "does not make this search reproducible; use n_jobs=1 for bit-identical runs.",
-                UserWarning, stacklevel=2)
+            warnings.warn(f"n_jobs={n_jobs}: Optuna reseeds the sampler for parallel trials, so "
+                          "the seed does not make this search reproducible; use n_jobs=1 for "
+                          "bit-identical runs.", UserWarning, stacklevel=2)
         worker = self._worker_session is not None  # a task of an executor optimize
         ending = None
         if not worker:
             parent_run.start_search(self, n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
                                     executor=executor)
             ending = parent_run.SearchEnd(self, others_may_run=executor is None)
+            self._searching.add(threading.get_ident())
         status = "FAILED"
         try:
             if executor is not None:
@@ -196,10 +197,10 @@ class NestedStudy(optuna.Study):
         finally:
             if status != "FINISHED":  # a with block of Optuna's left before its exit: else
                 _compat.stop_heartbeats_left_running(self)  # the process cannot exit
-            if not worker:
-                # MLflow's own HTTP retries last minutes per call: keep them short here too.
+            if not worker:  # (short HTTP retries: MLflow's own last minutes per call)
+                self._searching.discard(threading.get_ident())
                 with tracking.short_http_retries(self.tracking_uri):
-                    self._finish(status, ending)
+                    self._finish(None if self._searching else status, ending)
 
     def _optimize_here(self, func: ObjectiveFunc, n_trials: int | None, timeout: float | None,
                        n_jobs: int, catch: tuple[type[Exception], ...],
@@ -262,7 +263,8 @@ class NestedStudy(optuna.Study):
         state: TrialState | None = None,
         skip_if_finished: bool = False,
     ) -> FrozenTrial:
-        """:meth:`optuna.Study.tell`; the trial's child run gets its outcome and ends."""
+        """:meth:`optuna.Study.tell`; the trial's child run gets its outcome and ends (the
+        parent's summary: at the next ``optimize``'s end, else as the process exits)."""
         number = trial if isinstance(trial, int) else getattr(trial, "number", None)
         if not isinstance(number, int):
             return super().tell(trial, values, state, skip_if_finished)  # Optuna says what's wrong
@@ -277,6 +279,7 @@ class NestedStudy(optuna.Study):
             tracker.close_trial(self, frozen)
         elif known_run is not None:
             tracker.record(self, frozen, run_id=known_run)
+        ask_tell_end.search_told(self)
         return frozen
 
     def add_trial(self, trial: FrozenTrial) -> None:
@@ -317,10 +320,7 @@ class NestedStudy(optuna.Study):
                 if k.startswith(RUN_ATTR_PREFIX)}
 
     def _trial_by_number(self, number: int) -> FrozenTrial | None:
-        for trial in self.get_trials(deepcopy=False):
-            if trial.number == number:
-                return trial
-        return None
+        return next((t for t in self.get_trials(deepcopy=False) if t.number == number), None)
 
     def child_run_id(self, trial_number: int) -> str:
         """The MLflow run id of trial ``trial_number``."""
@@ -333,8 +333,7 @@ class NestedStudy(optuna.Study):
 
     def child_runs(self) -> pd.DataFrame:
         """``mlflow.search_runs`` of this study's trial runs, oldest first."""
-        # Through this study's own client: MLflow's process-wide tracking URI may be
-        # another study's right now.
+        # This study's own client: MLflow's process-wide URI may be another study's now.
         with tracking.short_http_retries(self.tracking_uri):
             return tracking.clients.search_runs_frame(
                 self._client, [self.experiment_id],
@@ -387,6 +386,7 @@ class NestedStudy(optuna.Study):
     def _finish(self, status: str | None,  # status None: the summary only
                 ending: parent_run.SearchEnd | None = None) -> None:
         self._tracking.warn_if_unsaved(stacklevel=4)
+        ask_tell_end.search_ended(self)
         self.wait_for_figures(timeout=0)  # not waited for: the writer process draws in order
         self._figures_pending = (ending or parent_run.SearchEnd(self)).finish(status)
 

@@ -181,7 +181,7 @@ def test_a_long_metric_names_intermediate_values_keep_their_suffix_within_mlflow
     assert run.data.metrics[name] == 1.0
 
 
-def test_two_threads_optimizing_one_study_object_leave_each_others_trials_alone(
+def test_two_threads_optimizing_one_study_object_leave_each_others_trials_and_parent_alone(
         tracking_uri: str) -> None:
     # Optuna lets two threads run optimize on one study object (its own tests do). The
     # first search to end closed the other's running trial as failed: its run FAILED
@@ -201,13 +201,19 @@ def test_two_threads_optimizing_one_study_object_leave_each_others_trials_alone(
     first.start()
     assert inside.wait(timeout=60)
     study.optimize(quadratic, n_trials=2)  # begins and ends while the first one's trial runs
+    # Each search ended the parent too: the first to end set it FINISHED while the
+    # other's trial still ran. It stays RUNNING until the last search of the object ends.
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(study.parent_run_id).info.status == "RUNNING"
     other_ended.set()
     first.join(timeout=60)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
-    runs = MlflowClient(tracking_uri).search_runs(
+    runs = client.search_runs(
         [study.experiment_id], f"tags.mlflow.parentRunId = '{study.parent_run_id}'")
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == [0, 1, 2]
+    parent = client.get_run(study.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 3
 
 
 def test_colliding_param_names_land_under_the_same_keys_whatever_the_suggest_order(

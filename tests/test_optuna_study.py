@@ -96,6 +96,44 @@ def test_ask_tell_records_like_optimize_and_activates_the_run(tracking_uri: str)
     assert trial_runs(tracking_uri, study)[1].data.metrics["value"] == pytest.approx(value)
 
 
+def test_a_study_used_only_through_ask_and_tell_gets_its_summary_when_the_process_exits(
+        tracking_uri: str, tmp_path) -> None:
+    # optimize ends its search with the parent's summary and status; ask/tell has no
+    # end, and the parent stayed RUNNING with no summary. MLflow ends a run left active
+    # by mlflow.start_run when the process exits; the study's parent now ends there too.
+    import subprocess
+    import sys
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    script = f"""
+import optuna_mlflow_nested as omn
+study = omn.create_study("told", storage={storage!r}, tracking_uri={tracking_uri!r})
+for value in (0.5, 0.25, 0.75):
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    study.tell(trial, value)
+print(study.parent_run_id)
+ended = omn.create_study("optimized", storage={storage!r}, tracking_uri={tracking_uri!r})
+ended.tell(ended.ask(), 1.0)
+ended.optimize(lambda trial: 2.0, n_trials=1)  # its end: nothing is left for the exit
+print(ended.parent_run_id, ended._client.get_run(ended.parent_run_id).info.end_time)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    client = MlflowClient(tracking_uri)
+    told_id, optimized_id, end_time = done.stdout.split()[-3:]
+    assert client.get_run(optimized_id).info.end_time == int(end_time)
+    parent = client.get_run(told_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["n_trials"] == 3 and parent.data.metrics["best_value"] == 0.25
+    assert parent.data.tags["best_trial"] == "1"
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "optimization_history.png"} <= files
+    study = omn.load_study("told", storage, tracking_uri=tracking_uri)
+    assert [r.info.status for r in trial_runs(tracking_uri, study).values()] == ["FINISHED"] * 3
+
+
 def test_tell_by_number_from_another_study_object(tracking_uri: str, tmp_path) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = omn.create_study("two-objects", tracking_uri=tracking_uri, storage=storage)

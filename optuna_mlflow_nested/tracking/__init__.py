@@ -11,6 +11,7 @@
 ``tracker``         a trial's lifecycle: open its run, record its end
 ``reconcile``       MLflow made to agree with Optuna's storage
 ``parent``          parent run: start, budget, summary
+``ask_tell_end``    a search made through ask/tell: its parent ended at exit
 ``figures``         the parent's PNG figures
 ``clients``         cached clients, URIs, experiments, the global tracking URI
 ==================  ==========================================================

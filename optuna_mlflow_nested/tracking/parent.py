@@ -301,10 +301,12 @@ class SearchEnd:
     finished search into an exception (a warning says what could not be written, and
     the steps after it are skipped). ``others_may_run`` (no executor: other processes may
     be running the study, as hand-started workers do): the last to end draws the figures.
+    ``draw_here``: not in the writer process (the end at exit, ``ask_tell_end``).
     """
 
-    def __init__(self, study: Any, *, others_may_run: bool = False) -> None:
-        self.study = study
+    def __init__(self, study: Any, *, others_may_run: bool = False,
+                 draw_here: bool = False) -> None:
+        self.study, self.draw_here = study, draw_here
         self.began = time.time() if others_may_run else None
         self.client = get_client(study.tracking_uri)
         self.compact = study.trial_runs is not None
@@ -378,7 +380,7 @@ class SearchEnd:
             return None
         due = self.began is None or not figures.left_to_another_search(study, self.began, status)
         # Big searches (compact) use no writer process: their figures are drawn here.
-        pending = None if self.compact or not due else figures.start_elsewhere(
+        pending = None if self.compact or self.draw_here or not due else figures.start_elsewhere(
             self.client, study.tracking_uri, run_id, study)
         steps: list[Callable[[], Any]] = [study.reconcile]
         if self._summary is None:
