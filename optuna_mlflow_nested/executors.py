@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from collections.abc import Sequence
-import concurrent.futures
 import contextlib
 import dataclasses
 import time
@@ -34,6 +33,7 @@ from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._executor_checks import resolve_workers
 from optuna_mlflow_nested._executor_checks import shared_storage
+from optuna_mlflow_nested._executor_ends import settle
 from optuna_mlflow_nested._heartbeats import Heartbeats
 from optuna_mlflow_nested._queue_leases import QueueLease
 from optuna_mlflow_nested._utils import error_that_travels
@@ -274,47 +274,7 @@ def _queue_and_run(study: NestedStudy, func: Callable[[optuna.Trial], Any], n_tr
     if _fail_stale_trials(study, queued, spec.heartbeats):
         study.reconcile(create_missing=True)  # those trials died before their run was known
     _end_spare_runs(study, spec.session)
-    if errors and all(map(_lost_job, errors)) and not _budget_left(study, queued):
-        # submitit does not run a dead job again: the other jobs ran the rest of the
-        # budget, and the dead job's trial was failed above.
-        first = (str(errors[0]).splitlines() or [type(errors[0]).__name__])[0]
-        warnings.warn(f"{len(errors)} worker task(s) of study {study.study_name!r} were lost "
-                      f"({redact_secrets(first)}); their trials were failed and the other "
-                      "workers ran the rest of the budget", RuntimeWarning, stacklevel=4)
-    elif errors:
-        raise _with_budget_left(study, errors[0], queued)
-
-
-def _lost_job(error: BaseException) -> bool:
-    """Whether ``error`` is submitit's word for a job that ended without a result (killed).
-
-    Not a broken process pool (it stopped every worker, and is unusable from then on)
-    nor Dask's ``KilledWorker`` (the task itself is suspected): those are raised.
-    """
-    return (type(error).__name__ == "UncompletedJobError"
-            and type(error).__module__.startswith("submitit"))
-
-
-def _budget_left(study: NestedStudy, queued: set[int],
-                 states: tuple[TrialState, ...] = (TrialState.WAITING, TrialState.RUNNING)) -> int:
-    """How many trials of the budget (numbers ``queued``) are in ``states`` (unfinished)."""
-    return sum(t.number in queued for t in study.get_trials(deepcopy=False, states=states))
-
-
-def _with_budget_left(study: NestedStudy, error: BaseException, queued: set[int]) -> BaseException:
-    """A broken engine (a pool whose worker was killed) says what is left of the budget."""
-    left = _budget_left(study, queued, (TrialState.WAITING,))
-    if not left:
-        return error
-    advice = (f"{left} trial(s) of the budget are still queued in study {study.study_name!r}: "
-              f"optimize(..., n_trials={left}, executor=...) with a working executor runs "
-              "exactly those")
-    if isinstance(error, concurrent.futures.BrokenExecutor):
-        broken = type(error)(f"{error} The worker's trial was failed and its run ended; {advice}")
-        broken.__cause__ = error
-        return broken
-    warnings.warn(advice, RuntimeWarning, stacklevel=5)
-    return error
+    settle(study, errors, queued, spec.deadline)
 
 
 def _wait(study: NestedStudy, futures: list[Any], n_trials: int,

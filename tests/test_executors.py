@@ -226,6 +226,27 @@ def test_callbacks_given_as_a_generator_reach_the_workers(tmp_path: Path,
     assert sorted(study.user_attrs) == [f"called-{n}" for n in range(4)]
 
 
+def stop_after_the_second_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    if trial.number >= 1:
+        study.stop()
+
+
+def test_a_worker_stopped_by_study_stop_says_what_is_left_of_the_budget(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # study.stop() in a callback stops the worker that calls it (Optuna's rule for its
+    # optimize). The call returned quietly with the rest of its budget still queued.
+    study = make_study(tmp_path, "stopped", tracking_uri)
+    with ProcessPoolExecutor(1) as pool:
+        with pytest.warns(RuntimeWarning, match=r"2 trial\(s\) of this call's budget .*study\.stop"):
+            study.optimize(quadratic, n_trials=4, executor=pool,
+                           callbacks=[stop_after_the_second_trial])
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "WAITING", "WAITING"]
+    with ProcessPoolExecutor(1) as pool:  # the next call runs them first, within its budget
+        study.optimize(quadratic, n_trials=2, executor=pool)
+    assert_tree(study, 4)
+
+
 class TwoArgumentError(Exception):
     # Pickles as TwoArgumentError(message): unpickling it calls __init__ with one argument.
     def __init__(self, what: str, value: float) -> None:
