@@ -214,7 +214,7 @@ class NestedStudy(optuna.Study):
             # Trials without a run of their own log into the parent, not a stray run.
             tracker.fallback_run = self._client.get_run(self.parent_run_id)
         self._omn_local.optimizing = True
-        with tracking.global_tracking_uri(self.tracking_uri), \
+        with tracking.global_tracking_uri(self.tracking_uri, self.experiment_id), \
                 tracking.short_http_retries(self.tracking_uri):
             tracker.start(n_jobs, n_trials)
             try:
@@ -303,7 +303,7 @@ class NestedStudy(optuna.Study):
         Yields the :class:`mlflow.entities.Run`, or ``None`` when the tracking server
         was away at :meth:`ask` (the run is then created when the trial is told).
         """
-        with tracking.global_tracking_uri(self.tracking_uri), \
+        with tracking.global_tracking_uri(self.tracking_uri, self.experiment_id), \
                 self._tracking.activate(trial) as run:
             yield run
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 import sqlite3
 import subprocess
@@ -52,6 +53,18 @@ def test_default_experiment_and_explicit_uri(tracking_uri: str) -> None:
     experiment_id = mlflow.create_experiment("chosen")
     mlflow.set_experiment("chosen")
     assert _compat.default_experiment_id() == experiment_id
+    # What set_experiment set is read and set back, as the study's objective needs.
+    saved = _compat.active_experiment()
+    assert saved == (experiment_id, experiment_id)  # its choice, and its env for subprocesses
+    other = mlflow.create_experiment("other")
+    _compat.set_active_experiment((other, other))
+    with mlflow.start_run() as run:
+        pass
+    assert run.info.experiment_id == other
+    _compat.set_active_experiment(saved)
+    assert _compat.default_experiment_id() == experiment_id
+    _compat.set_active_experiment((None, None))
+    assert _compat.default_experiment_id() == "0" and "MLFLOW_EXPERIMENT_ID" not in os.environ
 
 
 def test_open_store_and_update_run_info(tracking_uri: str, capsys: pytest.CaptureFixture) -> None:

@@ -134,6 +134,36 @@ print(ended.parent_run_id, ended._client.get_run(ended.parent_run_id).info.end_t
     assert [r.info.status for r in trial_runs(tracking_uri, study).values()] == ["FINISHED"] * 3
 
 
+def test_runs_the_objective_starts_with_mlflow_nested_runs_land_in_the_studys_experiment(
+        tracking_uri: str) -> None:
+    # mlflow.start_run(nested=True) takes MLflow's active experiment, not its parent's:
+    # inside an objective such a run went to the Default experiment, under a trial run
+    # of another experiment (MLflow's UI then shows it outside the study's tree).
+    from optuna_mlflow_nested import _compat
+
+    before = _compat.default_experiment_id()
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0, 1)
+        with mlflow.start_run(run_name="inner", nested=True):
+            mlflow.log_metric("inner", x)
+        return x
+
+    client = MlflowClient(tracking_uri)
+    for name in ("first", "second"):
+        study = omn.create_study(name, tracking_uri=tracking_uri)
+        study.optimize(objective, n_trials=2)
+        trial = study.ask()
+        with study.trial_run(trial):
+            objective(trial)
+        study.tell(trial, 0.5)
+        inner = client.search_runs([study.experiment_id], "attributes.run_name = 'inner'")
+        assert sorted(r.data.tags["mlflow.parentRunId"] for r in inner) == sorted(
+            study.child_run_id(n) for n in range(3))
+        assert _compat.default_experiment_id() == before  # the user's setting is back
+    assert client.search_runs([before], "attributes.run_name = 'inner'") == []
+
+
 def test_tell_by_number_from_another_study_object(tracking_uri: str, tmp_path) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = omn.create_study("two-objects", tracking_uri=tracking_uri, storage=storage)

@@ -1,6 +1,7 @@
 """Every touch of a private MLflow or Optuna name, each with why no public API does it.
 
-Each function here and in ``trials.py`` (a trial's id, an executor's budget added in
+Each function here, in ``fluent_state.py`` (MLflow's per-process settings) and in
+``trials.py`` (a trial's id, an executor's budget added in
 chunks) has a test in ``tests/test_compat.py`` that fails if a supported MLflow or
 Optuna version changes what it relies on.
 """
@@ -19,16 +20,22 @@ from mlflow.tracking import MlflowClient
 import optuna
 from optuna.trial import TrialState
 
+from optuna_mlflow_nested._compat.fluent_state import active_experiment
+from optuna_mlflow_nested._compat.fluent_state import active_run_ids_of_all_threads
+from optuna_mlflow_nested._compat.fluent_state import default_experiment_id
+from optuna_mlflow_nested._compat.fluent_state import explicit_tracking_uri
+from optuna_mlflow_nested._compat.fluent_state import set_active_experiment
 from optuna_mlflow_nested._compat.trials import add_waiting_trials
 from optuna_mlflow_nested._compat.trials import trial_id
 
 __all__ = [
-    "active_run", "active_run_ids_of_all_threads", "add_trial", "add_waiting_trials", "claim_trial",
-    "default_experiment_id", "executor_worker_count", "explicit_tracking_uri", "journal_file",
-    "never_create_sqlite_stores", "open_store", "quiet_retried_store_errors", "rdb_url",
-    "record_first_heartbeat", "retried_store_call", "running_trials_without_heartbeat",
-    "set_trial_system_attr", "stop_heartbeats_left_running", "study_storage", "trial_active_run",
-    "trial_id", "update_run_info",
+    "active_experiment", "active_run", "active_run_ids_of_all_threads", "add_trial",
+    "add_waiting_trials", "claim_trial", "default_experiment_id", "executor_worker_count",
+    "explicit_tracking_uri", "journal_file", "never_create_sqlite_stores", "open_store",
+    "quiet_retried_store_errors", "rdb_url", "record_first_heartbeat", "retried_store_call",
+    "running_trials_without_heartbeat", "set_active_experiment", "set_trial_system_attr",
+    "stop_heartbeats_left_running", "study_storage", "trial_active_run", "trial_id",
+    "update_run_info",
 ]
 
 
@@ -91,34 +98,6 @@ def active_run(run: Run) -> Iterator[None]:
             if stack[i].info.run_id == run.info.run_id:
                 del stack[i]
                 break
-
-
-def active_run_ids_of_all_threads() -> dict[int | None, list[str]]:
-    """Thread ident -> ids of the runs active in that thread, outermost first: MLflowCallback
-    nests trials run in Optuna's worker threads under the run the user started in the
-    calling thread; ``mlflow.active_run()`` sees only its own thread."""
-    from mlflow.tracking import fluent
-
-    stacks = fluent._active_run_stack.get_all_thread_values()
-    return {ident: [r.info.run_id for r in stack] for ident, stack in stacks.items()}
-
-
-def default_experiment_id() -> str:
-    """The experiment ``mlflow.start_run()`` would use (set_experiment, env, or default):
-    MLflowCallback with ``create_experiment=False`` logs there, as the legacy callback
-    did; MLflow resolves that only inside ``start_run``."""
-    from mlflow.tracking import fluent
-
-    return str(fluent._get_experiment_id())
-
-
-def explicit_tracking_uri() -> str | None:
-    """The URI set with ``mlflow.set_tracking_uri`` (``None`` when never set): restoring
-    the user's state needs to know whether they set one; ``get_tracking_uri`` resolves a
-    default."""
-    from mlflow.tracking._tracking_service import utils
-
-    return utils._tracking_uri
 
 
 def open_store(client: MlflowClient) -> Any:

@@ -169,6 +169,7 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
 _uri_lock = threading.Lock()
 _uri_users: dict[str, int] = {}
 _uri_saved: tuple[str | None, str | None] | None = None
+_experiment_saved: tuple[str | None, str | None] | None = None
 
 
 def _refuse_another_uri(tracking_uri: str) -> None:
@@ -189,21 +190,27 @@ def check_tracking_uri_free(tracking_uri: str) -> None:
 
 
 @contextlib.contextmanager
-def global_tracking_uri(tracking_uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``tracking_uri`` and restore the user's setting after.
+def global_tracking_uri(tracking_uri: str, experiment_id: str | None = None) -> Iterator[None]:
+    """Point MLflow's fluent API at ``tracking_uri`` (and ``experiment_id``, the active
+    experiment, which ``mlflow.start_run(nested=True)`` takes) and restore the user's
+    setting after.
 
     Re-entrant across threads (parallel trials each enter it): the first entry saves
-    the user's setting, the last exit restores it.
+    the user's setting, the last exit restores it. The first experiment given stays
+    active until then (MLflow has one active experiment per process).
 
     Raises:
         ValueError: another tracking URI is in use in this process (another study is
             optimizing): MLflow's fluent API has one tracking URI per process.
     """
-    global _uri_saved
+    global _uri_saved, _experiment_saved
     with _uri_lock:
         _refuse_another_uri(tracking_uri)
         if not _uri_users:
             _uri_saved = (_compat.explicit_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
+        if experiment_id is not None and _experiment_saved is None:
+            _experiment_saved = _compat.active_experiment()
+            _compat.set_active_experiment((experiment_id, experiment_id))
         _uri_users[tracking_uri] = _uri_users.get(tracking_uri, 0) + 1
         # Not mlflow.get_tracking_uri(): with none set it works out MLflow's default
         # (importing its file store to look into ./mlruns: about 3 ms, once).
@@ -216,6 +223,9 @@ def global_tracking_uri(tracking_uri: str) -> Iterator[None]:
             _uri_users[tracking_uri] -= 1
             if not _uri_users[tracking_uri]:
                 del _uri_users[tracking_uri]
+            if not _uri_users and _experiment_saved is not None:
+                _compat.set_active_experiment(_experiment_saved)
+                _experiment_saved = None
             if not _uri_users and _uri_saved is not None:
                 previous, previous_env = _uri_saved
                 _uri_saved = None
