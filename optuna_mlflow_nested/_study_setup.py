@@ -16,6 +16,7 @@ import optuna
 
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
+from optuna_mlflow_nested._adoption import adopt_once
 from optuna_mlflow_nested._utils import redact_uri
 from optuna_mlflow_nested._utils import safe_key
 from optuna_mlflow_nested.tracking import parent as parent_run
@@ -50,21 +51,29 @@ def attach_parent(
     if PARENT_RUN_ATTR in attrs and _own_parent(client, study, attrs[PARENT_RUN_ATTR],
                                                 tracking_uri):
         return attrs[PARENT_RUN_ATTR], attrs[EXPERIMENT_ATTR]
-    experiment_id = tracking.get_or_create_experiment(client,
-                                                      experiment_name or UNNAMED_STUDY_EXPERIMENT)
-    active = mlflow.active_run()
-    run_id = parent_run.create_parent_run(client, experiment_id, study.study_name,
-                                          active.info.run_id if active else None, tags)
-    storage.set_study_system_attr(study_id, EXPERIMENT_ATTR, experiment_id)
-    storage.set_study_system_attr(study_id, PARENT_RUN_ATTR, run_id)
-    start_tags = {
-        "tracking_uri": redact_uri(tracking_uri),
-        "storage": storage_repr or "in-memory",
-        "direction": ",".join(d.name for d in study.directions),
-        "sampler": type(study.sampler).__name__,
-    }
-    parent_run.log_parent_start(client, run_id, params, start_tags)
-    return run_id, experiment_id
+
+    def make_parent() -> tuple[str, str]:
+        experiment_id = tracking.get_or_create_experiment(
+            client, experiment_name or UNNAMED_STUDY_EXPERIMENT)
+        active = mlflow.active_run()
+        run_id = parent_run.create_parent_run(client, experiment_id, study.study_name,
+                                              active.info.run_id if active else None, tags)
+        storage.set_study_system_attr(study_id, EXPERIMENT_ATTR, experiment_id)
+        storage.set_study_system_attr(study_id, PARENT_RUN_ATTR, run_id)
+        start_tags = {
+            "tracking_uri": redact_uri(tracking_uri),
+            "storage": storage_repr or "in-memory",
+            "direction": ",".join(d.name for d in study.directions),
+            "sampler": type(study.sampler).__name__,
+        }
+        parent_run.log_parent_start(client, run_id, params, start_tags)
+        return run_id, experiment_id
+
+    if created:
+        return make_parent()
+    # Adopted (a plain study, a copy): others may be adopting it at this moment.
+    return adopt_once(study, stale=attrs.get(PARENT_RUN_ATTR), parent_key=PARENT_RUN_ATTR,
+                      experiment_key=EXPERIMENT_ATTR, make_parent=make_parent)
 
 
 def _parent_on_its_way(study: optuna.Study, attrs: dict[str, Any], mark_wait: float) -> bool:

@@ -78,6 +78,47 @@ def test_a_project_study_still_being_created_is_waited_for(
     assert [s.parent_run_id for s in joined] == [run_id]
 
 
+@pytest.mark.parametrize("copied", [False, True])
+def test_workers_adopting_one_plain_study_at_once_share_one_parent_run(
+        tmp_path: Path, tracking_uri: str, copied: bool) -> None:
+    # Every worker that loaded a plain study (or a copy) at the same moment saw no parent
+    # run of its own, made one and wrote its id: the last id written won, and the others
+    # filed their trials' runs under parents nobody else used.
+    import threading
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    if copied:
+        omn.create_study("orig", storage=storage, tracking_uri=tracking_uri)
+        optuna.copy_study(from_study_name="orig", from_storage=storage, to_storage=storage,
+                          to_study_name="plain")
+    else:
+        optuna.create_study(study_name="plain", storage=storage)
+    optuna.load_study(study_name="plain", storage=storage).optimize(quadratic, n_trials=2)
+    together = threading.Barrier(4)
+    studies: list[omn.NestedStudy] = []
+
+    def adopt() -> None:
+        together.wait(timeout=60)
+        study = omn.load_study("plain", storage, tracking_uri=tracking_uri)
+        study.optimize(quadratic, n_trials=1)
+        studies.append(study)
+
+    workers = [threading.Thread(target=adopt) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert len(studies) == 4
+    assert len({s.parent_run_id for s in studies}) == 1
+    stored = omn.load_study("plain", storage, tracking_uri=tracking_uri).parent_run_id
+    assert studies[0].parent_run_id == stored
+    client = MlflowClient(tracking_uri)
+    parents = client.search_runs([studies[0].experiment_id], "tags.`optuna.role` = 'study' "
+                                 "and tags.`optuna.study_name` = 'plain'", run_view_type=3)
+    assert [p.info.run_id for p in parents] == [stored]
+    assert child_numbers(tracking_uri, studies[0]) == [2, 3, 4, 5]
+
+
 def test_a_copied_study_gets_a_parent_run_of_its_own(
         tmp_path: Path, tracking_uri: str) -> None:
     # optuna.copy_study copies the study's system attributes: the copy found the
