@@ -37,12 +37,13 @@ def settle(study: Any, errors: list[BaseException], queued: set[int],
         raise _with_budget_left(study, errors[0], queued)
     elif deadline is None or time.time() < deadline:
         left = _budget_left(study, queued, (TrialState.WAITING,))
-        if left:  # study.stop() in a worker's callback: Optuna stops that worker's loop
+        if left:  # study.stop() in a worker: Optuna stops that worker's loop
             warnings.warn(
                 f"{left} trial(s) of this call's budget were not run: the workers stopped "
-                "before taking them (study.stop() in a callback stops the worker that calls "
-                f"it); they stay queued in study {study.study_name!r}, and the next optimize "
-                "runs them first, within its n_trials", RuntimeWarning, stacklevel=5)
+                "before taking them (study.stop() stops the worker that calls it: in a "
+                "callback, or the GridSampler's once its grid is done); they stay queued in "
+                f"study {study.study_name!r}, and the next optimize runs them first, within "
+                "its n_trials", RuntimeWarning, stacklevel=5)
 
 
 def _lost_job(error: BaseException) -> bool:

@@ -145,7 +145,8 @@ def error_that_travels(exc: Exception) -> Exception:
 
     An executor sends a task's error back pickled. A process pool whose result does not
     unpickle (an exception whose ``__init__`` takes other arguments than its ``args``)
-    breaks: every task fails with "terminated abruptly" and the error is lost.
+    breaks: every task fails with "terminated abruptly" and the error is lost. One that
+    pickle or cloudpickle (Dask's, submitit's) sends and takes back is kept as it is.
 
     >>> class TwoArgs(Exception):
     ...     def __init__(self, a, b):
@@ -159,6 +160,13 @@ def error_that_travels(exc: Exception) -> Exception:
         pickle.loads(pickle.dumps(exc))
         return exc
     except Exception as why:
+        try:  # Dask and submitit send it with cloudpickle (classes of __main__ by value)
+            import cloudpickle
+
+            pickle.loads(cloudpickle.dumps(exc))
+            return exc
+        except Exception:
+            pass
         kind = type(exc)
         shown = "".join(traceback.format_exception(exc))
         return RuntimeError(redact_secrets(

@@ -357,4 +357,4 @@ def _end_spare_runs(study: NestedStudy, session: str) -> None:
             client.delete_run(run.info.run_id)
     except Exception as exc:
         warnings.warn(f"could not delete spare runs of dead workers: {redact_secrets(exc)}",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=5)

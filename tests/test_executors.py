@@ -245,6 +245,13 @@ def test_a_worker_stopped_by_study_stop_says_what_is_left_of_the_budget(
     with ProcessPoolExecutor(1) as pool:  # the next call runs them first, within its budget
         study.optimize(quadratic, n_trials=2, executor=pool)
     assert_tree(study, 4)
+    # The GridSampler stops the study once its grid is done: the warning says so.
+    grid = omn.create_study("grid", storage=f"sqlite:///{tmp_path / 'grid.db'}",
+                            tracking_uri=tracking_uri, sampler="grid",
+                            search_space={"x": [-1.0, 0.0, 1.0]})
+    with ProcessPoolExecutor(1) as pool:
+        with pytest.warns(RuntimeWarning, match=r"3 trial\(s\) .*GridSampler"):
+            grid.optimize(quadratic, n_trials=6, executor=pool)
 
 
 class TwoArgumentError(Exception):
@@ -279,6 +286,17 @@ def test_an_objective_error_that_does_not_unpickle_reaches_the_caller(
     assert {int(r.data.tags["optuna.trial_number"]): r.info.status for r in runs} == {
         0: "FINISHED", 1: "FINISHED", 2: "FAILED"}
     assert client.get_run(study.parent_run_id).info.status == "FAILED"
+
+
+def test_an_error_that_cloudpickle_sends_keeps_its_type() -> None:
+    # Dask and submitit send a task's error with cloudpickle, which takes a class defined
+    # in __main__ or in a function by value: such errors reached the caller as a
+    # RuntimeError, and the user's `except LocalError` missed them.
+    class LocalError(Exception):
+        pass
+
+    error = LocalError("kept")
+    assert _utils.error_that_travels(error) is error
 
 
 def test_a_relative_sqlite_storage_reaches_workers_started_in_another_folder(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import mlflow
@@ -129,9 +130,45 @@ print(ended.parent_run_id, ended._client.get_run(ended.parent_run_id).info.end_t
     assert parent.data.metrics["n_trials"] == 3 and parent.data.metrics["best_value"] == 0.25
     assert parent.data.tags["best_trial"] == "1"
     files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"trials.csv", "optimization_history.png"} <= files
+    # Optuna's importance imports scikit-learn, whose import registers exit handlers:
+    # refused once the exit has begun ("can't register atexit after shutdown").
+    assert {"trials.csv", "optimization_history.png", "param_importances.png"} <= files
+    assert "could not draw" not in done.stderr
     study = omn.load_study("told", storage, tracking_uri=tracking_uri)
     assert [r.info.status for r in trial_runs(tracking_uri, study).values()] == ["FINISHED"] * 3
+
+
+def test_the_end_at_exit_is_the_telling_process_own_and_says_how_it_ended(
+        tracking_uri: str, tmp_path) -> None:
+    # A forked child inherited the parent process's told studies: its exit ended them
+    # while the parent still told trials. A program that dies of an uncaught exception
+    # ended its parent run FINISHED.
+    import subprocess
+    import sys
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    script = f"""
+import os, sys
+import optuna_mlflow_nested as omn
+study = omn.create_study("forked", storage={storage!r}, tracking_uri={tracking_uri!r})
+study.tell(study.ask(), 1.0)
+pid = os.fork()
+if pid == 0:  # its own store files: SQLite connections must not cross a fork
+    other = omn.create_study("child", storage="sqlite:///{tmp_path}/child.db",
+                             tracking_uri="sqlite:///{tmp_path}/child-mlflow.db")
+    other.tell(other.ask(), 2.0)
+    sys.exit(0)
+os.waitpid(pid, 0)
+print(study.parent_run_id, study._client.get_run(study.parent_run_id).info.status)
+raise RuntimeError("the program dies")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and "the program dies" in done.stderr
+    run_id, status_after_the_childs_exit = done.stdout.split()[-2:]
+    assert status_after_the_childs_exit == "RUNNING"
+    parent = MlflowClient(tracking_uri).get_run(run_id)
+    assert parent.info.status == "FAILED" and parent.data.metrics["n_trials"] == 1
 
 
 def test_runs_the_objective_starts_with_mlflow_nested_runs_land_in_the_studys_experiment(
@@ -147,6 +184,9 @@ def test_runs_the_objective_starts_with_mlflow_nested_runs_land_in_the_studys_ex
         x = trial.suggest_float("x", 0, 1)
         with mlflow.start_run(run_name="inner", nested=True):
             mlflow.log_metric("inner", x)
+        # Not passed on to the objective's subprocesses: with MLFLOW_EXPERIMENT_NAME set,
+        # MLflow refuses an MLFLOW_EXPERIMENT_ID of another experiment.
+        assert "MLFLOW_EXPERIMENT_ID" not in os.environ
         return x
 
     client = MlflowClient(tracking_uri)

@@ -49,7 +49,7 @@ def active_experiment() -> tuple[str | None, str | None]:
 
 
 def set_active_experiment(state: tuple[str | None, str | None]) -> None:
-    """Set what :func:`active_experiment` returned (an id twice: that experiment)."""
+    """Set what :func:`active_experiment` returned."""
     from mlflow.tracking import fluent
 
     chosen, env = state

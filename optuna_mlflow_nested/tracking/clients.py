@@ -210,7 +210,8 @@ def global_tracking_uri(tracking_uri: str, experiment_id: str | None = None) -> 
             _uri_saved = (_compat.explicit_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
         if experiment_id is not None and _experiment_saved is None:
             _experiment_saved = _compat.active_experiment()
-            _compat.set_active_experiment((experiment_id, experiment_id))
+            # Not MLFLOW_EXPERIMENT_ID: the objective's subprocesses keep the user's.
+            _compat.set_active_experiment((experiment_id, _experiment_saved[1]))
         _uri_users[tracking_uri] = _uri_users.get(tracking_uri, 0) + 1
         # Not mlflow.get_tracking_uri(): with none set it works out MLflow's default
         # (importing its file store to look into ./mlruns: about 3 ms, once).
