@@ -11,11 +11,13 @@ process to wait for; its figures are drawn inside ``optimize``). With ``--submit
 each round also runs a program whose 3 trials run in one job of submitit's local
 executor (a fresh process, which ends when its task is done): it prints the time from
 its last trial's end to ``optimize``'s return, which includes the job process's exit.
-With ``--also PATH``, each round also runs each with the package of another checkout
+With ``--ask-tell``, each round also runs a program that only asks and tells 20 trials
+(no ``optimize``), whose exit ends the parent's search (``tracking/ask_tell_end.py``):
+timed the same way. With ``--also PATH``, each round also runs each with the package of another checkout
 (``PATH`` put first on ``PYTHONPATH``, which the job inherits), to compare two versions
 side by side. Medians over the rounds, seconds.
 
-    python benchmarks/exit_time.py [--repeats 5] [--submitit] [--also /path/to/other/checkout]
+    python benchmarks/exit_time.py [--repeats 5] [--submitit] [--ask-tell] [--also /path/to/other/checkout]
 """
 
 from __future__ import annotations
@@ -56,16 +58,28 @@ study.wait_for_figures()
 print(omn.__file__, returned - last, flush=True)
 """
 
+ASK_TELL_PROGRAM = """
+import time
+import optuna
+import optuna_mlflow_nested as omn
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = omn.create_study("exit", tracking_uri="sqlite:///mlflow.db", seed=0)
+for _ in range(20):
+    trial = study.ask()
+    study.tell(trial, trial.suggest_float("x", -1, 1) ** 2 + trial.suggest_float("y", -1, 1))
+print(omn.__file__, time.time(), flush=True)
+"""
+
 
 def once(writer: str, checkout: str | None) -> tuple[float, str]:
     """Seconds from the program's last line to its end, or for ``writer="submitit"`` the
     seconds the program printed (its last trial's end to ``optimize``'s return)."""
     env = {**os.environ}
-    if writer != "submitit":
+    if writer in ("process", "threads"):
         env["OMN_WRITER"] = writer
     if checkout:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [checkout, env.get("PYTHONPATH")]))
-    program = SUBMITIT_PROGRAM if writer == "submitit" else PROGRAM
+    program = {"submitit": SUBMITIT_PROGRAM, "ask-tell": ASK_TELL_PROGRAM}.get(writer, PROGRAM)
     with tempfile.TemporaryDirectory() as folder:  # the store and its artifacts
         done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
                               text=True, cwd=folder)
@@ -82,9 +96,11 @@ def main() -> None:
     parser.add_argument("--also", metavar="PATH", help="another checkout to time beside this one")
     parser.add_argument("--submitit", action="store_true",
                         help="also time a search in one job of submitit's local executor")
+    parser.add_argument("--ask-tell", action="store_true",
+                        help="also time a program that only asks and tells 20 trials")
     args = parser.parse_args()
     checkouts = [None, args.also] if args.also else [None]
-    kinds = ("process", "threads", "submitit") if args.submitit else ("process", "threads")
+    kinds = ("process", "threads") + ("submitit",) * args.submitit + ("ask-tell",) * args.ask_tell
     configs = [(writer, checkout) for checkout in checkouts for writer in kinds]
     times: dict[tuple[str, str | None], list[float]] = {config: [] for config in configs}
     packages: dict[str | None, str] = {}
@@ -98,7 +114,7 @@ def main() -> None:
           + (" (submitit: from the last trial's end to optimize's return)" if args.submitit else "")
           + ":")
     titles = {"process": "writer process (default)", "threads": "OMN_WRITER=threads",
-              "submitit": "submitit job, last trial to return"}
+              "submitit": "submitit job, last trial to return", "ask-tell": "ask/tell only"}
     print("| package | " + " | ".join(titles[kind] for kind in kinds) + " |")
     print("| --- |" + " --- |" * len(kinds))
     for checkout in checkouts:

@@ -17,6 +17,7 @@ import optuna
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._adoption import adopt_once
+from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested._utils import redact_uri
 from optuna_mlflow_nested._utils import safe_key
 from optuna_mlflow_nested.tracking import parent as parent_run
@@ -159,7 +160,7 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.st
         password = urlsplit(storage).password if "://" in storage else None
         if password:
             message = message.replace(password, "***")
-        raise ValueError(f"storage {shown!r} is not usable: {message}") from None
+        raise ValueError(f"storage {shown!r} is not usable: {redact_secrets(message)}") from None
 
 
 def storage_repr(storage: Any) -> str | None:

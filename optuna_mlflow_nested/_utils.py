@@ -16,8 +16,6 @@ import traceback
 from typing import Any
 from typing import ParamSpec
 from typing import TypeVar
-from urllib.parse import urlsplit
-from urllib.parse import urlunsplit
 
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -27,35 +25,34 @@ _INVALID_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
 
 def redact_uri(uri: str | None) -> str | None:
-    """Remove a password (or token) from a URI, keeping the user name.
+    """Remove a password or token from a URI, keeping a database user name.
 
     >>> redact_uri("postgresql://bob:s3cret@db:5432/x")
     'postgresql://bob:***@db:5432/x'
+    >>> redact_uri("https://s3cret@host/api?token=t0k&x=1")
+    'https://***@host/api?token=***&x=1'
     """
-    if uri is None:
-        return None
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<unparseable uri>"
-    if parts.password is None and "@" not in parts.netloc:
-        return uri
-    user, _, host = parts.netloc.rpartition("@")
-    name = user.split(":", 1)[0]
-    netloc = f"{name}:***@{host}" if name else f"***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return None if uri is None else redact_secrets(uri)
 
 
-_USERINFO = re.compile(r"(\w[\w+.-]*://[^:/@\s]*):[^@/\s]+@")
+# user:password@ (a password may hold a raw '/': SQLAlchemy's URL parser takes it so)
+_USERINFO = re.compile(r"(\w[\w+.-]*://[^:/@\s'\"]*):[^@\s'\"]+@")
+# a token alone before an HTTP host (for a database URL, that is the user name)
+_HTTP_TOKEN = re.compile(r"(https?://)[^:/@\s'\"]+@", re.IGNORECASE)
+# a secret in a query string (?password=..., &token=...), which SQLAlchemy passes on
+_QUERY_SECRET = re.compile(r"([?&][\w.-]*(?:password|passwd|pwd|secret|token|key)[\w.-]*=)"
+                           r"[^&#\s'\"]+", re.IGNORECASE)
 
 
 def redact_secrets(text: object) -> str:
-    """Remove passwords from every URI inside ``text`` (exception messages, logs).
+    """Remove passwords and tokens from every URI inside ``text`` (exception messages, logs).
 
     >>> redact_secrets("failed: http://u:pw@host:5000/api")
     'failed: http://u:***@host:5000/api'
     """
-    return _USERINFO.sub(r"\1:***@", str(text))
+    text = _USERINFO.sub(r"\1:***@", str(text))
+    text = _HTTP_TOKEN.sub(r"\1***@", text)
+    return _QUERY_SECRET.sub(r"\1***", text)
 
 
 def safe_key(key: str) -> str:
@@ -127,11 +124,11 @@ def scrub_exception(exc: BaseException) -> BaseException:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         try:
-            if any(isinstance(a, str) and _USERINFO.search(a) for a in current.args):
+            if any(isinstance(a, str) and redact_secrets(a) != a for a in current.args):
                 current.args = tuple(redact_secrets(a) if isinstance(a, str) else a
                                      for a in current.args)
             message = getattr(current, "message", None)  # MlflowException keeps a copy
-            if isinstance(message, str) and _USERINFO.search(message):
+            if isinstance(message, str) and redact_secrets(message) != message:
                 current.message = redact_secrets(message)  # type: ignore[attr-defined]
         except (AttributeError, TypeError):  # an exception type with read-only fields
             pass

@@ -161,6 +161,9 @@ def catboost_study(*, study_name: str | None, experiment_name: str | None,
 
 
 GRID_ATTR = "omn.grid"
+#: Trial system attribute: the trial was cut short by Ctrl-C or SIGTERM (not counted when
+#: the same command resumes the budget).
+INTERRUPTED_ATTR = "omn.interrupted"
 def _stored_grid(storage: Any, study_name: str | None) -> dict[str, list] | None:
     return _stored_attrs(storage, study_name).get(GRID_ATTR)
 
@@ -257,10 +260,14 @@ class _Objective:
         model = CatBoostRegressor(iterations=self.tuning_iterations, **self.common,
                                   **_model_params(params))
         callback = _PruningCallback(trial) if self.pruning else None
-        with _FIT_LOCK if self.take_turns else contextlib.nullcontext():
-            model.fit(self.X_train, self.y_train,
-                      eval_set=(self.X_val, self.y_val) if self.pruning else None,
-                      callbacks=[callback] if callback else None)
+        try:
+            with _FIT_LOCK if self.take_turns else contextlib.nullcontext():
+                model.fit(self.X_train, self.y_train,
+                          eval_set=(self.X_val, self.y_val) if self.pruning else None,
+                          callbacks=[callback] if callback else None)
+        except KeyboardInterrupt:  # not the trial's fault: a resume runs it again
+            _compat.set_trial_system_attr(trial, INTERRUPTED_ATTR, True)
+            raise
         if callback is not None and callback.pruned:
             raise optuna.TrialPruned()
         return _rmse(self.y_val, model.predict(self.X_val))
@@ -291,7 +298,8 @@ def _tune(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     # Everything that can be checked is checked before the study or a run exists.
     check_arguments(timeout=timeout, seed=seed, study_name=study_name,
-                    experiment_name=experiment_name, sampler=sampler)
+                    experiment_name=experiment_name, sampler=sampler,
+                    registered_model_name=registered_model_name)
     check_data(X_train, y_train, X_val, y_val, X_test, y_test)
     space = space_from(search_space)
     fingerprint = data_fingerprint(X_train, y_train, X_val, y_val, seed=seed, source=data_source)
@@ -325,7 +333,8 @@ def _tune(
         common["thread_count"] = max(1, (os.cpu_count() or 1) // workers)
     objective = _Objective(X_train, y_train, X_val, y_val, space, grid, tuning_iterations,
                            common, pruning, take_turns=n_jobs != 1)
-    done = len([t for t in study.trials if t.state.is_finished()])
+    done = len([t for t in study.trials
+                if t.state.is_finished() and INTERRUPTED_ATTR not in t.system_attrs])
     remaining = n_trials if more_trials else n_trials - done
     if remaining > 0:
         if executor is not None:
@@ -340,7 +349,9 @@ def _tune(
     # their failure (a server gone) said now rather than in the middle of the finish's output.
     study.wait_for_figures()
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-        raise RuntimeError(f"study {study.study_name!r} has no completed trial to finish with")
+        raise FinishError(f"study {study.study_name!r} has no completed trial to finish with "
+                          f"({len(study.trials)} trial(s), none complete): run more trials, "
+                          "or give them more time")
     return finish_job(study, common, X_train, y_train, X_val, y_val, X_test, y_test,
                       max_iterations=max_iterations, early_stopping_rounds=early_stopping_rounds,
                       registered_model_name=registered_model_name,

@@ -3,6 +3,7 @@ written: arguments, data, and whether a resumed study's trials stay comparable."
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 from typing import Any
@@ -20,9 +21,10 @@ DATA_ATTR = "omn.data"
 MAX_STUDY_NAME_LENGTH = 250
 #: MLflow's ``experiments.name`` column holds 256 characters (its API alone allows 500).
 MAX_EXPERIMENT_NAME_LENGTH = 256
-MAX_SEED = 2**32 - 1  # numpy's and so the samplers' limit
+MAX_SEED = 2**32 - 2  # numpy's and so the samplers' limit, less one: the split takes seed + 1
 _CLI_NAMES = {"study_name": "--study-name", "experiment_name": "--experiment",
-              "timeout": "--timeout", "seed": "--seed", "sampler": "--sampler"}
+              "timeout": "--timeout", "seed": "--seed", "sampler": "--sampler",
+              "registered_model_name": "--register"}
 
 
 def _stored_attrs(storage: Any, study_name: str | None) -> dict[str, Any]:
@@ -38,10 +40,17 @@ def _stored_attrs(storage: Any, study_name: str | None) -> dict[str, Any]:
 
 
 def check_arguments(*, timeout: Any, seed: Any, study_name: Any, experiment_name: Any,
-                    sampler: Any = None, cli: bool = False) -> None:
+                    sampler: Any = None, registered_model_name: Any = None,
+                    cli: bool = False) -> None:
     """ValueError naming the argument (its command-line flag with ``cli``), before any write."""
     def name(arg: str) -> str:
         return _CLI_NAMES[arg] if cli else arg
+
+    model = registered_model_name  # MLflow refuses it only after the search and the finish
+    if model is not None and (not isinstance(model, str) or not model.strip()
+                              or "/" in model or ":" in model):
+        raise ValueError(f"{name('registered_model_name')} must be a non-empty model name "
+                         f"without '/' or ':' (MLflow's rule), got {model!r}")
 
     if isinstance(sampler, str) and sampler.lower() not in SAMPLER_NAMES:
         raise ValueError(f"{name('sampler')} must be one of {', '.join(SAMPLER_NAMES)}"
@@ -127,7 +136,12 @@ def checked_input(args: Any) -> tuple[tuple, dict[str, Any]]:
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     check_arguments(timeout=args.timeout, seed=args.seed, study_name=args.study_name,
-                    experiment_name=args.experiment, sampler=args.sampler, cli=True)
+                    experiment_name=args.experiment, sampler=args.sampler,
+                    registered_model_name=getattr(args, "register", None), cli=True)
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.sampler == "gp" and importlib.util.find_spec("torch") is None:
+        raise ValueError("--sampler gp needs PyTorch: pip install torch")
     X, y = datasets.load(args.data, args.target, seed=args.seed)
     split = datasets.train_val_test_split(X, y, seed=args.seed)
     X_tr, X_va, X_te, y_tr, y_va, y_te = split

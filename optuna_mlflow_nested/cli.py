@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 import logging
+import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
+from typing import Any
 
 if TYPE_CHECKING:
     from optuna_mlflow_nested.catboost import CatBoostResult
@@ -347,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
+    stop = _term_is_an_interrupt() if args.command in ("tune", "worker") else None
     try:
         return int(args.handler(args) or 0)
     except (UsageError, ValueError, KeyError, FileNotFoundError) as exc:
@@ -365,3 +369,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         _MUTE_AFTER_INTERRUPT.interrupted = False
+        if stop is not None:
+            signal.signal(signal.SIGTERM, stop)
+
+
+def _term_is_an_interrupt() -> Any:
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler) is Ctrl-C to ``tune`` and ``worker``:
+    the trial fails and its run is flushed, the parent ends KILLED. Returns the handler
+    it replaced (``None`` outside the main thread, where Python sets none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)

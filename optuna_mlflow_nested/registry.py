@@ -5,7 +5,8 @@ only if the model has no champion yet, or the champion was validated on the same
 (equal data digest) with a higher (worse) validation RMSE. Other data: never moved
 automatically (a warning, and the version's ``promotion`` tag says why). The test set
 never decides. Everything goes through a client on the study's own tracking URI, which
-is also its registry URI: MLflow's global URIs are neither read nor set.
+is also its registry URI; MLflow's global tracking URI is set to it (and restored) only
+around the new version's creation, which MLflow resolves through it.
 """
 
 from __future__ import annotations
@@ -75,8 +76,11 @@ def register(tracking_uri: str, name: str, model_uri: str, *, model_id: str | No
             VAL_TAG: repr(float(val_rmse)), PROMOTION_TAG: why}
     if test_rmse is not None:
         tags[TEST_TAG] = repr(float(test_rmse))
-    version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
-                                          model_id=model_id)
+    # MLflow's SQL registry resolves the logged model's models:/ URI through the global
+    # tracking URI: any other store than ./mlflow.db failed ("Logged model ... not found").
+    with tracking.global_tracking_uri(tracking_uri):
+        version = client.create_model_version(name, source=model_uri, run_id=run_id,
+                                              tags=tags, model_id=model_id)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)

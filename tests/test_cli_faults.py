@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import os
 from pathlib import Path
 import re
@@ -227,6 +228,11 @@ def _assert_one_line(capsys: pytest.CaptureFixture, *texts: str) -> str:
         (["--seed", "-1"], ["--seed", "-1"]),
         (["--storage", "postgresql://bob:s3cret@127.0.0.1:1/nodb"], ["storage", "bob:***@"]),
         (["--sampler", "bogus"], ["--sampler", "'bogus'"]),
+        (["--seed", "4294967295"], ["--seed", "4294967295"]),  # the split's seed + 1
+        (["--register", "a/b"], ["--register", "'a/b'"]),
+        pytest.param(["--sampler", "gp"], ["--sampler", "PyTorch"], marks=pytest.mark.skipif(
+            importlib.util.find_spec("torch") is not None, reason="PyTorch is installed")),
+        (["--storage", "postgresql://u:s3cret/x@127.0.0.1:1/nodb"], ["storage", "u:***@"]),
     ],
 )
 def test_bad_input_exits_2_before_anything_is_written(
@@ -236,6 +242,17 @@ def test_bad_input_exits_2_before_anything_is_written(
     assert "s3cret" not in _assert_one_line(capsys, *texts)
     assert not (tmp_path / "optuna.db").exists()  # no Optuna study
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow experiment or run
+
+
+def test_a_worker_with_bad_threads_exits_2_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # `worker --threads 0` died of a floating point exception in CatBoost (exit 136),
+    # leaving the parent, spare runs and a trial RUNNING.
+    assert main(["worker", "--trials", "1", "--threads", "0", "--tuning-iterations", "20"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--threads" in lines[0] and lines[0].startswith(
+        "optuna-mlflow-nested worker: error: "), lines
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize(
@@ -335,11 +352,16 @@ def _running_trials(db: Path, for_seconds: float = 0.0) -> int:
 _DEFAULT_CTRL_C = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 
 
-@pytest.mark.slow  # ~20 s: the default suite stays under 5 minutes
-def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path) -> None:
+@pytest.mark.slow  # ~30 s each: the default suite stays under 5 minutes
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path, stop: signal.Signals) -> None:
+    # SIGTERM (kill, timeout, a batch scheduler) ended a `tune` without --workers at once
+    # (exit 143, nothing said, the parent and a spare run left RUNNING). The trial it
+    # interrupted counted in the budget: resuming `--trials 1` had no trial to finish
+    # with and ended in a traceback.
     run_cli = _DEFAULT_CTRL_C + "import runpy; runpy.run_module('optuna_mlflow_nested', run_name='__main__')"
     proc = subprocess.Popen(
-        [sys.executable, "-c", run_cli, "tune", "--trials", "20",
+        [sys.executable, "-c", run_cli, "tune", "--trials", "1",
          "--tuning-iterations", "200000", "--no-progress"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -350,7 +372,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path) -> None:
         wait_for(lambda: _running_trials(tmp_path / "optuna.db", 2.0) or proc.poll() is not None,
                  180, "a trial to run for 2 s")
         assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -363,6 +385,13 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path) -> None:
     experiment = client.get_experiment_by_name("catboost-tune")
     parents = client.search_runs([experiment.experiment_id], "tags.`optuna.role` = 'study'")
     assert [p.info.status for p in parents] == ["KILLED"]
+    everything = client.search_runs([experiment.experiment_id], run_view_type=3)
+    assert "RUNNING" not in {r.info.status for r in everything}
+    resumed = subprocess.run([sys.executable, "-m", "optuna_mlflow_nested", "tune", "--trials", "1",
+                              *CLI_FAST], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    study = optuna.load_study(study_name="catboost-tune", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]  # the interrupted one again
 
 
 @pytest.mark.slow

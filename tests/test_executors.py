@@ -231,6 +231,7 @@ def stop_after_the_second_trial(study: optuna.Study, trial: optuna.trial.FrozenT
         study.stop()
 
 
+@pytest.mark.slow  # ~10 s: the default suite stays under 5 minutes
 def test_a_worker_stopped_by_study_stop_says_what_is_left_of_the_budget(
         tmp_path: Path, tracking_uri: str) -> None:
     # study.stop() in a callback stops the worker that calls it (Optuna's rule for its

@@ -138,6 +138,7 @@ print(ended.parent_run_id, ended._client.get_run(ended.parent_run_id).info.end_t
     assert [r.info.status for r in trial_runs(tracking_uri, study).values()] == ["FINISHED"] * 3
 
 
+@pytest.mark.slow  # ~10 s: the default suite stays under 5 minutes
 def test_the_end_at_exit_is_the_telling_process_own_and_says_how_it_ended(
         tracking_uri: str, tmp_path) -> None:
     # A forked child inherited the parent process's told studies: its exit ended them

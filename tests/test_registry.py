@@ -98,13 +98,35 @@ def test_datasets_on_parent_once_and_on_every_trial(tracking_uri, tmp_path) -> N
         assert _contexts(run) == {"training": _digest(X_tr, y_tr)}
 
 
-def test_cli_tune_register(tracking_uri, tmp_path, capsys) -> None:
+def test_cli_tune_register(tmp_path, capsys) -> None:
+    # Not MLflow's default store (./mlflow.db, this test's folder): MLflow's SQL registry
+    # resolves the logged model's models:/ URI through the global tracking URI, and
+    # registering into any other store failed after the whole search ("Logged model with
+    # ID ... not found"), leaving a stray ./mlflow.db.
+    tracking_uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     assert main(["tune", "--trials", "1", "--tuning-iterations", "10", "--max-iterations", "20",
                  "--tracking-uri", tracking_uri, "--storage", f"sqlite:///{tmp_path / 'o.db'}",
                  "--no-progress", "--register", "cli-model"]) == 0
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     assert str(client.get_model_version_by_alias("cli-model", "champion").version) == "1"
     assert "cli-model" in capsys.readouterr().out
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_tune_refuses_a_model_name_mlflow_refuses_before_the_search(
+        tracking_uri, tmp_path, capsys) -> None:
+    # It was refused by MLflow after the whole search and finish, with a traceback.
+    assert main(["tune", "--trials", "1", "--tuning-iterations", "10", "--max-iterations", "20",
+                 "--tracking-uri", tracking_uri, "--storage", f"sqlite:///{tmp_path / 'o.db'}",
+                 "--no-progress", "--register", "a/b"]) == 2
+    err = capsys.readouterr().err
+    assert "--register" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert MlflowClient(tracking_uri).search_runs(["0", "1"]) == []
+    X_tr, X_va, X_te, y_tr, y_va, y_te = _split()
+    with pytest.raises(ValueError, match="registered_model_name"):
+        omn.tune_catboost(X_tr, y_tr, X_va, y_va, X_te, y_te, tracking_uri=tracking_uri,
+                          registered_model_name="a:b", **TINY)
+    assert MlflowClient(tracking_uri).search_runs(["0", "1"]) == []
 
 
 def test_record_inputs_survive_the_spool() -> None:

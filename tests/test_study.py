@@ -200,6 +200,23 @@ def test_uris_are_logged_without_passwords(tmp_path: Path, tracking_uri: str) ->
     assert "s3cret" not in omn._utils.redact_uri("https://tok:s3cret@host:5000")
 
 
+@pytest.mark.parametrize("uri, shown", [
+    # A token alone before the host (http): it was kept as a "user name".
+    ("http://s3cret@127.0.0.1:5057/api", "http://***@127.0.0.1:5057/api"),
+    # A password in the query string, which SQLAlchemy and psycopg take.
+    ("postgresql://u@127.0.0.1:5432/test?password=s3cret&sslmode=off",
+     "postgresql://u@127.0.0.1:5432/test?password=***&sslmode=off"),
+    # A raw '/' in the password, which SQLAlchemy's URL parser takes as part of it.
+    ("postgresql://u:s3cret/x@127.0.0.1:5432/test", "postgresql://u:***@127.0.0.1:5432/test"),
+    ("postgresql://bob@db/x", "postgresql://bob@db/x"),  # a database user name stays
+    ("sqlite:////tmp/a@b/m.db", "sqlite:////tmp/a@b/m.db"),
+])
+def test_secrets_in_every_uri_form_are_masked(uri: str, shown: str) -> None:
+    assert omn._utils.redact_uri(uri) == shown
+    assert omn._utils.redact_secrets(f"storage {uri!r} is not usable") == \
+        f"storage {shown!r} is not usable"
+
+
 def _run_seeded(tracking_uri: str, name: str) -> list[tuple]:
     study = omn.create_study(name, tracking_uri=tracking_uri, seed=123)
     study.optimize(lambda t: (t.suggest_float("x", -5, 5) - 1) ** 2 + np.random.rand(), n_trials=8)
