@@ -205,6 +205,19 @@ def test_runs_the_objective_starts_with_mlflow_nested_runs_land_in_the_studys_ex
     assert client.search_runs([before], "attributes.run_name = 'inner'") == []
 
 
+def test_a_tell_after_the_search_ended_reopens_the_parent(tracking_uri: str) -> None:
+    # Several processes telling one study: the first to exit ended the parent, which
+    # stayed FINISHED while the others still told trials (optimize reopens it as it
+    # begins). A process's first tell of a study since its last end reopens it now.
+    study = omn.create_study("reopened", tracking_uri=tracking_uri)
+    study.optimize(objective, n_trials=1)
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(study.parent_run_id).info.status == "FINISHED"
+    trial = study.ask()
+    study.tell(trial, objective(trial))
+    assert client.get_run(study.parent_run_id).info.status == "RUNNING"
+
+
 def test_tell_by_number_from_another_study_object(tracking_uri: str, tmp_path) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = omn.create_study("two-objects", tracking_uri=tracking_uri, storage=storage)

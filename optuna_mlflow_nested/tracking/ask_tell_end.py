@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import os
 import sys
 import threading
@@ -25,6 +26,7 @@ import weakref
 
 from optuna_mlflow_nested._utils import redact_secrets
 
+_logger = logging.getLogger(__name__)
 _told: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()  # -> first tell
 _lock = threading.Lock()
 _registered_in: int | None = None  # the process whose exit ends them
@@ -41,9 +43,11 @@ os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def search_told(study: Any) -> None:
-    """``study`` was told a trial outside ``optimize``: end its search at exit."""
+    """``study`` was told a trial outside ``optimize``: end its search at exit (the first
+    tell since its last end reopens the parent, as ``optimize`` does as it begins)."""
     global _registered_in
     with _lock:
+        first = study not in _told
         _told.setdefault(study, time.time())
         if _registered_in != os.getpid():  # once per process (also in a forked child)
             _registered_in = os.getpid()
@@ -53,6 +57,19 @@ def search_told(study: Any) -> None:
             import concurrent.futures.thread  # noqa: F401
 
             atexit.register(end_told_searches)
+    if first:
+        _reopen(study)
+
+
+def _reopen(study: Any) -> None:
+    from optuna_mlflow_nested.tracking.clients import set_run_status
+    from optuna_mlflow_nested.tracking.clients import short_http_retries
+
+    try:
+        with short_http_retries(study.tracking_uri):
+            set_run_status(study._client, study.parent_run_id, "RUNNING")
+    except Exception as exc:  # a store that is away: the tell stands, the end writes later
+        _logger.debug("parent run not reopened: %s", redact_secrets(exc))
 
 
 def search_ended(study: Any) -> None:
