@@ -193,9 +193,17 @@ def _print_summary(args: argparse.Namespace, result: CatBoostResult) -> None:
     print()
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    from urllib.parse import urlsplit
+
     from optuna_mlflow_nested._utils import redact_uri
 
-    print(f"\nOpen it: mlflow ui --backend-store-uri {redact_uri(args.tracking_uri)}")
+    uri = str(args.tracking_uri)
+    if uri.startswith(("http://", "https://")):  # a server: its UI is there (no credentials)
+        parts = urlsplit(uri)
+        base = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
+        print(f"\nOpen it: {base}/#/experiments/{r.study.experiment_id}/runs/{r.parent_run_id}")
+    else:
+        print(f"\nOpen it: mlflow ui --backend-store-uri {redact_uri(uri)}")
 
 
 def _fmt(value: object) -> str:

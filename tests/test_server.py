@@ -53,3 +53,22 @@ def test_a_second_optimize_replaces_the_trials_table_on_a_server(mlflow_server,
     table = json.loads(Path(path).read_text())
     numbers = [row[table["columns"].index("number")] for row in table["data"]]
     assert sorted(numbers) == list(range(6))
+
+
+@pytest.mark.slow  # a CatBoost search and finish: the default suite stays under 5 minutes
+def test_tune_against_a_server_says_where_its_ui_is(mlflow_server, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    # The summary's last line said `mlflow ui --backend-store-uri http://user:***@...`,
+    # which is no command to run for a server: its UI is already there (credentials are
+    # left out of the address shown; the browser asks for them).
+    from optuna_mlflow_nested.cli import main
+
+    port = mlflow_server.uri.rsplit(":", 1)[1]
+    uri = f"http://user:s3cret@127.0.0.1:{port}"
+    assert main(["tune", "--trials", "1", "--tuning-iterations", "10", "--max-iterations", "20",
+                 "--early-stopping-rounds", "5", "--no-progress", "--tracking-uri", uri,
+                 "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                 "--study-name", "served-tune"]) == 0
+    out = capsys.readouterr().out
+    assert "mlflow ui" not in out and "s3cret" not in out and "user" not in out
+    assert out.strip().splitlines()[-1].startswith(f"Open it: http://127.0.0.1:{port}/#/experiments/")
