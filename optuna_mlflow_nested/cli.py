@@ -327,8 +327,8 @@ def _run_sync(args: argparse.Namespace) -> int:
                 mended = study.reconcile(create_missing=True, orphan_age=args.grace_period)
                 study._finish(_parent_status_after_sync(study))
                 study.wait_for_figures()  # a failure to draw them is said before the result
-                print(f"study {args.study_name}: {mended} run(s) written to match Optuna's "
-                      "storage")
+                print(f"study {args.study_name}: {mended} run(s) written or deleted to match "
+                      "Optuna's storage")
         except Exception as exc:
             scrub_exception(exc)  # MLflow's messages carry the tracking URI, password too
             if not isinstance(exc, (MlflowException, requests.RequestException)):

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Sequence
 import contextlib
+import functools
 import threading
 from typing import Any
 import warnings
@@ -344,28 +345,25 @@ class NestedStudy(optuna.Study):
 
     def reconcile(self, create_missing: bool = False, orphan_age: float = 3600.0) -> int:
         """Mend MLflow from Optuna's storage: finish runs of trials that died with their
-        worker and, with ``create_missing``, create runs for trials that have none.
-        Spare runs older than ``orphan_age`` seconds (left by a dead worker) are ended
-        and deleted.
+        worker and, with ``create_missing``, give each finished trial one run (a new one
+        if it has none; of two, which processes racing to make it can leave, one is
+        deleted). Spare runs older than ``orphan_age`` seconds (left by a dead worker)
+        are ended and deleted.
 
         Returns:
-            The number of runs written.
+            The number of runs written or deleted.
         """
-        mended = reconcile_study(
+        # trial_runs=K: runs for the K best trials (and the failed ones) only
+        wanted = None if self.trial_runs is None else [
+            t.number for t in runs_to_keep(self, self.trial_runs)]
+        return reconcile_study(
             self._client, self, experiment_id=self.experiment_id,
             parent_run_id=self.parent_run_id, tracking_uri=self.tracking_uri,
             run_ids=self.run_ids, metric_name=self.metric_name, orphan_age=orphan_age,
-            create_missing=create_missing and self.trial_runs is None, remember=self._remember_run,
+            create_missing=create_missing or wanted is not None, remember=self._remember_run,
+            wanted=wanted, create=None if wanted is None else functools.partial(
+                self._tracking.record, self, run_id=None, lookup=False),
         )
-        if self.trial_runs is not None:
-            have = self.run_ids()
-            for trial in runs_to_keep(self, self.trial_runs):
-                if trial.number not in have:
-                    run_id = self._tracking.record(self, trial, run_id=None, lookup=False)
-                    if run_id is not None:
-                        self._remember_run(trial.number, run_id)
-                        mended += 1
-        return mended
 
     def wait_for_figures(self, timeout: float = 300.0) -> bool:
         """Wait until the parent run has the figures of the last ``optimize``, if due.

@@ -517,3 +517,184 @@ def test_sync_leaves_the_parent_of_a_live_search_running(tmp_path: Path, trackin
     assert cli_main(args) == 0
     assert client.get_run(study.parent_run_id).info.status == "RUNNING"
     study.tell(trial, plain(trial))
+
+
+# ---------------------------------------------------------------- one run per trial
+
+
+@pytest.mark.parametrize("raced, flaky", [(False, False), (True, False), (True, True)])
+def test_sync_writes_a_trial_into_its_own_run_when_that_run_is_not_written_yet(
+        tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch, raced: bool,
+        flaky: bool) -> None:
+    # A trial's run that is not RUNNING and not written yet: the objective ended it
+    # (mlflow.end_run()), and its worker died after the tell, before its record was
+    # written. `sync` made the trial a second run beside it, and left the trial's own
+    # (named trial-pending, holding what the objective logged) as it was. (raced: a
+    # sync racing the worker had already made that second run; flaky: the store fails
+    # the sync's first write once, which must not pass for "its writer wrote it".)
+    from optuna_mlflow_nested.tracking.delivery import deliver
+    from optuna_mlflow_nested.tracking.records import trial_record
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("own-run", storage=storage, tracking_uri=tracking_uri)
+    trial = study.ask()
+    x = trial.suggest_float("x", 0, 1)
+    with study.trial_run(trial):
+        mlflow.log_metric("seen", 1.5)
+        mlflow.end_run()
+    run_id = study.child_run_id(trial.number)
+    optuna.load_study(study_name="own-run", storage=storage).tell(trial.number, x)  # unwritten
+    client = MlflowClient(tracking_uri)
+    if raced:
+        other = deliver(client, trial_record(study, study.trials[0], tracking_uri=tracking_uri,
+                                             experiment_id=study.experiment_id,
+                                             parent_run_id=study.parent_run_id, run_id=None),
+                        lookup=False)
+    args = ["sync", "--tracking-uri", tracking_uri, "--study-name", "own-run", "--storage", storage]
+    if flaky:
+        failures = _fail_first_log_batch(monkeypatch)
+    assert cli_main(args) == 0
+    if flaky:
+        assert failures == [1]
+    if raced:
+        assert client.get_run(other).info.lifecycle_stage == "deleted"
+    assert study.child_run_id(trial.number) == run_id
+    runs = trial_runs(client, study)
+    assert [(r.info.run_id, r.info.run_name) for r in runs] == [(run_id, "trial-0")]
+    assert runs[0].data.metrics == {"seen": 1.5, "value": x, "trial_number": 0}
+    assert runs[0].data.params == {"x": str(x)} and runs[0].info.status == "FINISHED"
+
+
+def _fail_first_log_batch(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The store fails the next log_batch once, as a locked SQLite file or a 503 does
+    (a retryable error); returns the list the failure is counted in."""
+    from mlflow.exceptions import MlflowException
+
+    real, failures = MlflowClient.log_batch, []
+
+    def log_batch(self, *args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise MlflowException("database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    return failures
+
+
+def test_sync_keeps_a_trials_written_run_not_an_empty_one(tmp_path: Path, tracking_uri: str) -> None:
+    # Of two runs of a trial that is no run's own (none in the mapping), the one kept
+    # was "ended first, lowest id": an ended run never written (a delivery cut short
+    # after the run was made, then KILLED by a sync that died before deleting it) could
+    # be kept, and the trial's written run deleted.
+    from mlflow.exceptions import MlflowException
+
+    from optuna_mlflow_nested.tracking.clients import set_run_status
+    from optuna_mlflow_nested.tracking.delivery import deliver
+    from optuna_mlflow_nested.tracking.records import trial_record
+
+    class DiesAfterCreate(MlflowClient):
+        def log_batch(self, *args, **kwargs):
+            raise MlflowException("connection refused", error_code="TEMPORARILY_UNAVAILABLE")
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("empty", storage=storage, tracking_uri=tracking_uri, trial_runs=0)
+    study.optimize(plain, n_trials=1)  # no run
+    client = MlflowClient(tracking_uri)
+
+    def record():
+        return trial_record(study, study.trials[0], tracking_uri=tracking_uri,
+                            experiment_id=study.experiment_id, parent_run_id=study.parent_run_id,
+                            run_id=None)
+
+    while True:  # the empty run's id must sort first for the old rule to pick it
+        cut_short = record()
+        with pytest.raises(MlflowException):
+            deliver(DiesAfterCreate(tracking_uri), cut_short)
+        written = deliver(client, record(), lookup=False)
+        if cut_short.run_id < written:
+            break
+        for run_id in (cut_short.run_id, written):
+            client.delete_run(run_id)
+    set_run_status(client, cut_short.run_id, "KILLED")
+    study.reconcile(create_missing=True)
+    assert [r.info.run_id for r in trial_runs(client, study)] == [written]
+    assert client.get_run(cut_short.run_id).info.lifecycle_stage == "deleted"
+    assert study.child_run_id(0) == written
+
+
+def test_sync_leaves_one_run_of_a_trial_that_a_race_gave_two(tmp_path: Path, tracking_uri: str) -> None:
+    # A sync that reconciles while workers run can give a trial a run of its own beside
+    # the one the trial's writer makes at the same moment (a trial begun while the
+    # server was away has no run; each side looks, finds none and creates one). Made
+    # here as the sync made it; the next sync keeps the trial's own run (the one Optuna's
+    # storage names) and deletes the other.
+    from optuna_mlflow_nested.tracking.delivery import deliver
+    from optuna_mlflow_nested.tracking.records import trial_record
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("raced", storage=storage, tracking_uri=tracking_uri, sampler="random")
+    study.optimize(plain, n_trials=2)
+    own = study.child_run_id(1)
+    client = MlflowClient(tracking_uri)
+    extra = deliver(client, trial_record(study, study.trials[1], tracking_uri=tracking_uri,
+                                         experiment_id=study.experiment_id,
+                                         parent_run_id=study.parent_run_id, run_id=None),
+                    lookup=False)
+    assert sorted(r.info.run_name for r in trial_runs(client, study)) == ["trial-0", "trial-1", "trial-1"]
+    args = ["sync", "--tracking-uri", tracking_uri, "--study-name", "raced", "--storage", storage]
+    assert cli_main(args) == 0
+    runs = sorted((r.info.run_name, r.info.run_id) for r in trial_runs(client, study))
+    assert runs == [("trial-0", study.child_run_id(0)), ("trial-1", own)]
+    assert client.get_run(extra).info.lifecycle_stage == "deleted"
+    assert cli_main(args) == 0  # nothing left to mend: the same runs
+    assert sorted((r.info.run_name, r.info.run_id) for r in trial_runs(client, study)) == runs
+
+
+@pytest.mark.parametrize("lookup", [True, False])
+def test_a_run_whose_creation_lost_its_answer_is_the_run_the_retry_writes(
+        tmp_path: Path, tracking_uri: str, lookup: bool) -> None:
+    # The server committed a trial's new run and died before it answered (SIGKILLed
+    # mid-request). The retried delivery looked the trial's run up by its tags, which a
+    # new run got only from the next call: it found none and made a second run, and the
+    # first stayed RUNNING, named trial-0 with no trial number. (The lost answer is made
+    # by a client that raises once after MLflow's create_run returned.)
+    from mlflow.exceptions import MlflowException
+
+    from optuna_mlflow_nested.tracking.delivery import RetryPolicy
+    from optuna_mlflow_nested.tracking.delivery import deliver
+    from optuna_mlflow_nested.tracking.records import trial_record
+    from optuna_mlflow_nested.tracking.spool import Spool
+    from optuna_mlflow_nested.tracking.writer import Writer
+
+    class AnswerLostOnce(MlflowClient):
+        def __init__(self, uri: str) -> None:
+            super().__init__(uri)
+            self.created: list[str] = []
+
+        def create_run(self, *args, **kwargs):
+            run = super().create_run(*args, **kwargs)
+            self.created.append(run.info.run_id)
+            if len(self.created) == 1:
+                raise MlflowException("connection reset by peer", error_code="TEMPORARILY_UNAVAILABLE")
+            return run
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("lost-answer", storage=storage, tracking_uri=tracking_uri,
+                             sampler="random", trial_runs=0)  # no trial gets a run
+    study.optimize(plain, n_trials=1)
+    record = trial_record(study, study.trials[0], tracking_uri=tracking_uri,
+                          experiment_id=study.experiment_id, parent_run_id=study.parent_run_id,
+                          run_id=None)
+    client = AnswerLostOnce(tracking_uri)
+    if lookup:
+        RetryPolicy(deadline=30, first_delay=0.01).call(lambda: deliver(client, record))
+    else:  # the writer of a run known to be missing (trial_runs=K's best, a sync's new run)
+        writer = Writer(client, 0, Spool(tmp_path / "spool.jsonl"), RetryPolicy(30, 0.01))
+        writer.write(record, lookup=False)
+        assert not writer.unsaved and not (tmp_path / "spool.jsonl").exists()
+    runs = MlflowClient(tracking_uri).search_runs(  # every child of the parent
+        [study.experiment_id], f"tags.mlflow.parentRunId = '{study.parent_run_id}'")
+    assert [(r.info.run_id, r.info.run_name, r.info.status) for r in runs] == [
+        (client.created[0], "trial-0", "FINISHED")]
+    assert runs[0].data.tags["optuna.trial_number"] == "0"

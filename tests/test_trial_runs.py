@@ -80,3 +80,50 @@ def test_all_is_the_default_and_zero_keeps_only_failures(tracking_uri: str) -> N
     numbers = sorted(int(n) for n in study.child_runs()["tags.optuna.trial_number"])
     assert numbers == [4, 9]
     assert omn.create_study("default", tracking_uri=tracking_uri).trial_runs is None
+
+
+def test_two_processes_making_the_best_trials_run_at_once_leave_one_after_sync(
+        tracking_uri: str, tmp_path) -> None:
+    # Under trial_runs=K every search's end makes the runs the K best trials lack. Two
+    # workers ending at once each looked, found none and made one: the best trial had two
+    # runs, and `sync` (which made no runs under trial_runs=K) kept both. The two ends
+    # are interleaved with SQLAlchemy's public event hook: as one inserts the run, the
+    # other makes its own, whole.
+    import threading
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from optuna_mlflow_nested.cli import main as cli_main
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    omn.create_study("racing-ends", tracking_uri=tracking_uri, storage=storage, trial_runs=1)
+    optuna.load_study(study_name="racing-ends", storage=storage).optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=3)  # plain Optuna: no run yet
+    first, second = (omn.load_study("racing-ends", storage, tracking_uri=tracking_uri)
+                     for _ in range(2))
+    interleaved = threading.Event()
+
+    def other_end_first(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.startswith("INSERT INTO runs") and not interleaved.is_set():
+            interleaved.set()
+            other = threading.Thread(target=second.reconcile)
+            other.start()
+            other.join()
+
+    event.listen(Engine, "before_cursor_execute", other_end_first)
+    try:
+        first.reconcile()
+    finally:
+        event.remove(Engine, "before_cursor_execute", other_end_first)
+    client = MlflowClient(tracking_uri)
+
+    def runs() -> list[tuple[str, str]]:
+        return sorted((r.info.run_name, r.info.run_id) for r in client.search_runs(
+            [first.experiment_id], f"tags.mlflow.parentRunId = '{first.parent_run_id}'"))
+
+    best = first.best_trial.number
+    assert interleaved.is_set() and [name for name, _ in runs()] == [f"trial-{best}"] * 2
+    args = ["sync", "--tracking-uri", tracking_uri, "--study-name", "racing-ends", "--storage", storage]
+    assert cli_main(args) == 0
+    assert runs() == [(f"trial-{best}", first.child_run_id(best))]

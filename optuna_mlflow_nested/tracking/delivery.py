@@ -72,17 +72,21 @@ def is_retryable(exc: BaseException) -> bool:
     return not (isinstance(exc, MlflowException) and code in _NON_RETRYABLE)
 
 
-def _find_trial_run(client: MlflowClient, record: RunRecord) -> str | None:
-    """An existing run for (study, trial), so that replays never duplicate."""
+def _lookup_tags(record: RunRecord) -> dict[str, str]:
+    """The tags that identify ``record``'s run (with its name, for a run of no trial)."""
     tags = {STUDY_TAG: record.study_name}
-    extra = ""
     if record.trial_number is not None:
         tags[TRIAL_NUMBER_TAG] = str(record.trial_number)
-    else:
-        extra = equals_clause("attributes.run_name", record.run_name)
     if record.parent_run_id:
         tags[MLFLOW_PARENT_RUN_ID] = record.parent_run_id
-    runs = search_equal(client, [record.experiment_id], tags, extra, max_results=100)
+    return tags
+
+
+def _find_trial_run(client: MlflowClient, record: RunRecord) -> str | None:
+    """An existing run for (study, trial), so that replays never duplicate."""
+    extra = "" if record.trial_number is not None else equals_clause("attributes.run_name",
+                                                                     record.run_name)
+    runs = search_equal(client, [record.experiment_id], _lookup_tags(record), extra, max_results=100)
     return runs[0].info.run_id if runs else None
 
 
@@ -98,9 +102,9 @@ def deliver(client: MlflowClient, record: RunRecord, *, lookup: bool = True,
     """
     run_id = record.run_id or (_find_trial_run(client, record) if lookup else None)
     if run_id is None:
-        tags = dict(create_tags or {})
-        if record.parent_run_id:
-            tags[MLFLOW_PARENT_RUN_ID] = record.parent_run_id
+        # Created with the tags _find_trial_run looks for: if the server commits the run
+        # and dies before answering, the retry finds it instead of making a second one.
+        tags = {**(create_tags or {}), **_lookup_tags(record)}
         run_id = client.create_run(
             record.experiment_id, start_time=record.start_time, tags=tags,
             run_name=record.run_name,

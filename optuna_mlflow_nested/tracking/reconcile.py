@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Sequence
 import time
 import warnings
@@ -50,17 +51,23 @@ def reconcile_study(
     client: MlflowClient, study: optuna.Study, *, experiment_id: str, parent_run_id: str,
     tracking_uri: str, run_ids: Callable[[], dict[int, str]], metric_name: str | Sequence[str] = "value",
     orphan_age: float = 3600.0, create_missing: bool = False,
-    remember: Callable[[int, str], None] | None = None,
+    remember: Callable[[int, str], None] | None = None, wanted: Collection[int] | None = None,
+    create: Callable[[FrozenTrial], str | None] | None = None,
 ) -> int:
     """Finish RUNNING child runs of finished trials, delete stale spare runs and, with
-    ``create_missing``, write a child run for every finished trial that has none
-    (and tell ``remember`` its trial number and run id, for the trial -> run mapping).
+    ``create_missing``, give every finished trial (of ``wanted``, if given) exactly one
+    run: its own (the one ``run_ids`` names) written if it is not yet, else one made by
+    ``create`` (default: delivered here; ``None`` if it could not be). Of two or more
+    runs of one trial (left by a race, see :func:`_delete_others`) the trial's own is
+    kept, else a written one; the others are deleted once the one kept is written.
+    ``remember`` is told each trial number whose run changed, with the run id (the
+    trial -> run mapping).
 
     ``run_ids`` gives the trial number -> run id mapping; it is read after the search
     for RUNNING runs, so a run a live trial took from the pool before the search (still
     named ``trial-pending``) is known as that trial's and never taken for a spare.
 
-    Returns the number of runs written.
+    Returns the number of runs written or deleted as duplicates.
     """
     children = {MLFLOW_PARENT_RUN_ID: parent_run_id}
     running = running_children(client, experiment_id, parent_run_id)
@@ -70,41 +77,108 @@ def reconcile_study(
     in_use = set(mapping.values())
     mended = 0
     now_ms = time.time() * 1000
+
+    def record(trial: FrozenTrial, run_id: str | None) -> RunRecord:
+        return trial_record(study, trial, tracking_uri=tracking_uri, experiment_id=experiment_id,
+                            parent_run_id=parent_run_id, run_id=run_id, metric_name=metric_name)
+
     for run in running:
         trial = trial_of_run.get(run.info.run_id)
         if trial is not None:
-            mended += _deliver_beside_its_writer(client, trial_record(
-                study, trial, tracking_uri=tracking_uri, experiment_id=experiment_id,
-                parent_run_id=parent_run_id, run_id=run.info.run_id, metric_name=metric_name),
-                run.info.run_id)
+            mended += _deliver_beside_its_writer(client, record(trial, run.info.run_id),
+                                                 run.info.run_id)
         elif (run.info.run_name == PENDING_RUN_NAME and run.info.run_id not in in_use
               and now_ms - run.info.start_time > orphan_age * 1000):
             set_run_status(client, run.info.run_id, "KILLED")  # deleted runs must not stay RUNNING
             client.delete_run(run.info.run_id)
-    if create_missing:
-        have = {r.data.tags.get(TRIAL_NUMBER_TAG) for r in search_equal(client, [experiment_id], children)}
-        for trial in finished.values():
-            if str(trial.number) not in have:
-                run_id = deliver(client, trial_record(
-                    study, trial, tracking_uri=tracking_uri, experiment_id=experiment_id,
-                    parent_run_id=parent_run_id, run_id=None, metric_name=metric_name),
-                    lookup=False)
-                if remember is not None:
-                    remember(trial.number, run_id)
-                mended += 1
+    if not create_missing:
+        return mended
+    by_trial: dict[str | None, list[Run]] = {}
+    for run in search_equal(client, [experiment_id], children):
+        by_trial.setdefault(run.data.tags.get(TRIAL_NUMBER_TAG), []).append(run)
+    wanted = None if wanted is None else set(wanted)
+    for trial in finished.values():
+        runs, own = by_trial.get(str(trial.number), []), mapping.get(trial.number)
+        if not runs and wanted is not None and trial.number not in wanted:
+            continue
+        written = record(trial, None)
+        keep = next((run for run in runs if run.info.run_id == own), None)
+        if keep is None:
+            # The trial's own run, not found by its tags: not written yet (its writer is
+            # about to, or died; or the objective ended it with mlflow.end_run()), or
+            # deleted (a reconcile that read the mapping before it changed).
+            keep = _own_run(client, own, parent_run_id)
+        if keep is None and runs:  # none of them its own: a written one first
+            keep = min(runs, key=lambda r: (not _is_written(r, written), r.info.run_id))
+        if keep is None:
+            kept = (create(trial) if create is not None
+                    else deliver(client, written, lookup=False))
+            mended += kept is not None
+        else:
+            kept = keep.info.run_id
+            if not _is_written(keep, written):
+                mended += _deliver_beside_its_writer(client, record(trial, kept), kept)
+            # Only once the run kept is written: the others go (see _delete_others).
+            mended += _delete_others(client, runs, kept)
+        if kept is not None and kept != own and remember is not None:
+            remember(trial.number, kept)
     return mended
+
+
+def _own_run(client: MlflowClient, run_id: str | None, parent_run_id: str) -> Run | None:
+    """The run ``run_id`` if it is a run of ``parent_run_id``, deleted ones too (written
+    again, they are restored), else ``None`` (a mapping from another tracking store)."""
+    if run_id is None:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return run if run.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_run_id else None
+
+
+def _is_written(run: Run, record: RunRecord) -> bool:
+    """Whether ``run`` holds ``record``'s final write, its last step included (which
+    names and ends the run), and is active. A run made by a delivery cut short has the
+    trial's number but no state; a pool run not written yet is named trial-pending."""
+    return (run.info.lifecycle_stage == "active" and run.info.status == record.status
+            and run.info.run_name == record.run_name
+            and run.data.tags.get("state") == record.tags.get("state"))
+
+
+def _delete_others(client: MlflowClient, runs: list[Run], keep: str) -> int:
+    """Delete a trial's ``runs`` other than ``keep``; returns how many.
+
+    A trial gets two runs from races no lookup closes: a sync creating the runs that
+    trials lack while a worker's writer creates the run of a trial begun while the
+    server was away, or two searches' ends making the K best trials' runs, each having
+    looked and found none. A live writer may still be writing the run deleted here: it
+    then restores it, and the next sync deletes it again. At rest (no worker writing),
+    a sync leaves each trial one run.
+    """
+    deleted = 0
+    for run in runs:
+        if run.info.run_id == keep:
+            continue
+        if run.info.status == "RUNNING":
+            set_run_status(client, run.info.run_id, "KILLED")  # deleted runs must not stay RUNNING
+        client.delete_run(run.info.run_id)
+        deleted += 1
+    return deleted
 
 
 def _deliver_beside_its_writer(client: MlflowClient, record: RunRecord, run_id: str,
                                attempts: int = 3) -> int:
-    """Deliver the record of a finished trial whose run ``run_id`` is RUNNING; 1 if this
-    wrote it, 0 if the trial's own writer ended it meanwhile.
+    """Deliver the record of a finished trial into its run ``run_id``; 1 if this wrote
+    it, 0 if the trial's own writer wrote it meanwhile.
 
     That writer (another live process) may be writing the same run at the same moment:
     the values are the same, but MLflow checks a run's params (and datasets) and then
     inserts them, so the second insert of the two can fail (an IntegrityError, SQLite's
     "UNIQUE constraint failed"). After any retryable store error the run is read again:
-    ended, it is the writer's; else the delivery (idempotent) is made again, at most
+    written, it is the writer's; else the delivery (idempotent) is made again, at most
     ``attempts`` times in all.
     """
     for _ in range(attempts - 1):
@@ -114,7 +188,7 @@ def _deliver_beside_its_writer(client: MlflowClient, record: RunRecord, run_id: 
         except MlflowException as exc:
             if not is_retryable(exc):
                 raise
-            if client.get_run(run_id).info.status != "RUNNING":
+            if _is_written(client.get_run(run_id), record):
                 return 0
     deliver(client, record)  # the last attempt: its error is raised
     return 1

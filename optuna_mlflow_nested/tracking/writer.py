@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -166,7 +167,14 @@ class Writer:
         start = time.monotonic()
         try:
             if self._offline_since is None:
-                self._retry.call(lambda: deliver(self._client, record, lookup=lookup), self._stop)
+                tries = itertools.count()
+
+                def attempt() -> str:
+                    # A failed first attempt may have made the run (the answer lost):
+                    # the retries look for it, also where the caller knew of none.
+                    return deliver(self._client, record, lookup=lookup or next(tries) > 0)
+
+                self._retry.call(attempt, self._stop)
             else:
                 deliver(self._client, record, lookup=lookup)
             with self._lock:
