@@ -1,15 +1,18 @@
-"""Heartbeat settings of executor workers on RDB storages."""
+"""Heartbeat settings of executor workers on RDB storages; the trials a live process may hold."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import datetime
 import inspect
 import os
 from typing import Any
 import warnings
 
 import optuna
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
 
 from optuna_mlflow_nested import _compat
 
@@ -49,3 +52,15 @@ class Heartbeats:
             return optuna.storages.RDBStorage(
                 url, heartbeat_interval=self.interval, grace_period=self.grace,
                 **callback)
+
+
+def held_trials(study: optuna.Study, grace_period: float) -> list[FrozenTrial]:
+    """The study's RUNNING trials that a live process may hold: all but those without a
+    heartbeat ever that began over ``grace_period`` seconds ago, whose worker was killed
+    between making one and its first heartbeat (Optuna's ``fail_stale_trials`` never
+    fails them; see README). On a storage without heartbeats: every RUNNING trial."""
+    silent = _compat.running_trials_without_heartbeat(study)
+    began_before = datetime.datetime.now() - datetime.timedelta(seconds=grace_period)
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.number not in silent or t.datetime_start is None
+            or t.datetime_start > began_before]

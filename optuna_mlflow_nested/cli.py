@@ -268,15 +268,14 @@ def _add_sync_command(subparsers: argparse._SubParsersAction) -> None:
     sync.set_defaults(handler=_run_sync)
 
 
-def _parent_status_after_sync(study: NestedStudy) -> str | None:
+def _parent_status_after_sync(study: NestedStudy, grace_period: float) -> str | None:
     """FINISHED for a RUNNING parent whose study has no trial running any more (its
     workers are gone); an ended parent (KILLED, FAILED) or a live search: unchanged."""
-    from optuna.trial import TrialState
+    from optuna_mlflow_nested._heartbeats import held_trials
 
-    parent = study._client.get_run(study.parent_run_id)
-    if parent.info.status != "RUNNING":
+    if study._client.get_run(study.parent_run_id).info.status != "RUNNING":
         return None
-    return None if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) else "FINISHED"
+    return None if held_trials(study, grace_period) else "FINISHED"
 
 
 def _run_sync(args: argparse.Namespace) -> int:
@@ -325,7 +324,7 @@ def _run_sync(args: argparse.Namespace) -> int:
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     optuna.storages.fail_stale_trials(study)  # trials of workers that died
                 mended = study.reconcile(create_missing=True, orphan_age=args.grace_period)
-                study._finish(_parent_status_after_sync(study))
+                study._finish(_parent_status_after_sync(study, args.grace_period))
                 study.wait_for_figures()  # a failure to draw them is said before the result
                 print(f"study {args.study_name}: {mended} run(s) written or deleted to match "
                       "Optuna's storage")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import os
 from pathlib import Path
@@ -517,6 +518,36 @@ def test_sync_leaves_the_parent_of_a_live_search_running(tmp_path: Path, trackin
     assert cli_main(args) == 0
     assert client.get_run(study.parent_run_id).info.status == "RUNNING"
     study.tell(trial, plain(trial))
+
+
+def test_sync_ends_the_parent_when_its_only_running_trial_never_had_a_heartbeat(
+        tmp_path: Path, tracking_uri: str) -> None:
+    # A worker killed between Optuna making its trial and the trial's first heartbeat
+    # (one storage write apart) leaves a RUNNING trial that fail_stale_trials never
+    # fails: `sync` took it for a live search and left the parent RUNNING for good
+    # (tests/test_random_faults.py, seed 17). Made here by a plain Optuna ask, which
+    # records no heartbeat.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = omn.create_study("silent", tracking_uri=tracking_uri, storage=storage, sampler="random")
+    study.optimize(plain, n_trials=1)
+    client = MlflowClient(tracking_uri)
+    client.update_run(study.parent_run_id, "RUNNING")  # the killed worker's search had begun
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        beating = optuna.storages.RDBStorage(storage, heartbeat_interval=1, grace_period=2)
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed", UserWarning)
+        orphan = optuna.load_study(study_name="silent", storage=beating).ask()
+    args = ["sync", "--tracking-uri", tracking_uri, "--study-name", "silent", "--storage", storage,
+            "--heartbeat-interval", "1"]
+    # younger than the grace period, it may be a live worker's about to record its first
+    assert cli_main([*args, "--grace-period", "600"]) == 0
+    assert client.get_run(study.parent_run_id).info.status == "RUNNING"
+    began = study.trials[orphan.number].datetime_start
+    wait_for(lambda: (datetime.datetime.now() - began).total_seconds() > 2.5, 30,
+             "the trial to be older than the grace period")
+    assert cli_main([*args, "--grace-period", "2"]) == 0
+    assert client.get_run(study.parent_run_id).info.status == "FINISHED"
+    assert study.trials[orphan.number].state == optuna.trial.TrialState.RUNNING  # Optuna's
 
 
 # ---------------------------------------------------------------- one run per trial

@@ -344,6 +344,16 @@ def _wait_out_the_grace_period(schedule: Schedule, storage: optuna.storages.RDBS
              "spare runs to be older than the grace period")
 
 
+def _run_story(run) -> str:
+    """Enough of a run to tell which process made it: a pool's spare (started before its
+    trial, with the executor session's tags), a writer's or a sync's (started at the
+    trial's start, named at once), and when it ended."""
+    info = run.info
+    tags = sorted(k for k in run.data.tags if k.startswith("omn."))
+    return (f"{info.run_id[:8]} {info.run_name} {info.status} start={info.start_time} "
+            f"end={info.end_time} trial_start={run.data.tags.get('datetime_start')} {tags}")
+
+
 def _check_end_state(schedule: Schedule) -> dict[str, int]:
     """One run per finished trial, with its params, value and state; nothing RUNNING."""
     with warnings.catch_warnings():
@@ -380,7 +390,9 @@ def _check_end_state(schedule: Schedule) -> dict[str, int]:
         "trials without exactly one child run (number: runs): "
         f"{ {n: c for n, c in counts.items() if c != 1} }, without any: "
         f"{sorted({t.number for t in trials} - set(counts))}, runs of no trial: "
-        f"{sorted(set(counts) - {t.number for t in trials})}")
+        f"{sorted(set(counts) - {t.number for t in trials})}; the doubled runs (what made "
+        "each): " + "; ".join(_run_story(r) for runs in by_number.values() if len(runs) > 1
+                              for r in runs))
     wrong = []
     for trial in trials:
         run = by_number[trial.number][0]
