@@ -302,8 +302,7 @@ def _tune(
                     registered_model_name=registered_model_name)
     check_data(X_train, y_train, X_val, y_val, X_test, y_test)
     space = space_from(search_space)
-    fingerprint = data_fingerprint(X_train, y_train, X_val, y_val, seed=seed, source=data_source,
-                                   tuning_iterations=int(tuning_iterations))
+    fingerprint = data_fingerprint(X_train, y_train, X_val, y_val, seed=seed, source=data_source)
     check_resume(storage, study_name, fingerprint)
     described = [describe(X, y, name) for X, y, name in (
         (X_train, y_train, "train"), (X_val, y_val, "validation"), (X_test, y_test, "test"))

@@ -92,19 +92,16 @@ def check_data(X_train: Any, y_train: Any, X_val: Any, y_val: Any, X_test: Any, 
 
 
 def data_fingerprint(X_train: Any, y_train: Any, X_val: Any, y_val: Any, *, seed: int,
-                     source: str | None = None, tuning_iterations: int | None = None,
-                     ) -> dict[str, Any]:
-    """What makes trials comparable: the data they fit and score on, its target, the seed
-    and the number of trees each trial fits."""
+                     source: str | None = None) -> dict[str, Any]:
+    """What makes trials comparable: the data they fit and score on, its target, the seed."""
     target = getattr(y_train, "name", None)
     return {"digest": datasets.digest(X_train, y_train, X_val, y_val), "seed": int(seed),
-            "target": None if target is None else str(target), "source": source,
-            "tuning_iterations": tuning_iterations}
+            "target": None if target is None else str(target), "source": source}
 
 
 def check_resume(storage: Any, study_name: str | None, fingerprint: dict[str, Any],
                  *, cli: bool = False) -> None:
-    """Refuse to add trials on other data, another target, seed or tree count to a study."""
+    """Refuse to add trials on other data, another target or another seed to a study."""
     stored = _stored_attrs(storage, study_name).get(DATA_ATTR)
     if not stored:
         return
@@ -116,10 +113,6 @@ def check_resume(storage: Any, study_name: str | None, fingerprint: dict[str, An
     elif stored.get("target") != new["target"] and stored.get("source") == new["source"]:
         what = "--target" if cli else "target"  # y_train's name from Python
         old_text, new_text = f"{what} {stored.get('target')!r}", repr(new["target"])
-    elif stored.get("tuning_iterations") not in (None, new.get("tuning_iterations")):
-        # (a study tuned before this check came kept no tree count: not checked)
-        what = "--tuning-iterations" if cli else "tuning_iterations"
-        old_text, new_text = f"{what} {stored['tuning_iterations']}", str(new["tuning_iterations"])
     elif stored.get("digest") != new["digest"]:
         what = "--data" if cli else "data"
 
@@ -153,7 +146,6 @@ def checked_input(args: Any) -> tuple[tuple, dict[str, Any]]:
     split = datasets.train_val_test_split(X, y, seed=args.seed)
     X_tr, X_va, X_te, y_tr, y_va, y_te = split
     check_data(X_tr, y_tr, X_va, y_va, X_te, y_te)
-    fingerprint = data_fingerprint(X_tr, y_tr, X_va, y_va, seed=args.seed, source=args.data,
-                                   tuning_iterations=getattr(args, "tuning_iterations", None))
+    fingerprint = data_fingerprint(X_tr, y_tr, X_va, y_va, seed=args.seed, source=args.data)
     check_resume(args.storage, args.study_name, fingerprint, cli=True)
     return split, fingerprint
