@@ -354,8 +354,8 @@ class NestedStudy(optuna.Study):
             The number of runs written or deleted.
         """
         # trial_runs=K: runs for the K best trials (and the failed ones) only
-        wanted = None if self.trial_runs is None else [
-            t.number for t in runs_to_keep(self, self.trial_runs)]
+        wanted = None if self.trial_runs is None else {
+            t.number for t in runs_to_keep(self, self.trial_runs)}
         return reconcile_study(
             self._client, self, experiment_id=self.experiment_id,
             parent_run_id=self.parent_run_id, tracking_uri=self.tracking_uri,

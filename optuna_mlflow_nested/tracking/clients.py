@@ -284,16 +284,20 @@ def set_run_status(client: MlflowClient, run_id: str, status: str) -> None:
     _compat.update_run_info(client, run_id, status, end_time)
 
 
-def discard_runs(client: MlflowClient, run_ids: Iterable[str]) -> None:
-    """End (KILLED) and delete spare runs no trial got, as far as the server allows.
+def discard_runs(client: MlflowClient, run_ids: Iterable[str]) -> int:
+    """End (KILLED) and delete runs no trial keeps (spare runs no trial got, a trial's
+    extra runs), as far as the server allows; returns how many were deleted.
 
     Ended first: a deleted run must not stay RUNNING. A server that is away leaves them
-    to ``sync``, which deletes spare runs older than its grace period.
+    to ``sync``, which deletes spare runs older than its grace period and extra runs.
     """
+    deleted = 0
     for run_id in run_ids:
         with contextlib.suppress(Exception):
             set_run_status(client, run_id, "KILLED")
             client.delete_run(run_id)
+            deleted += 1
+    return deleted
 
 
 @masks_secrets

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from collections.abc import Collection
 from collections.abc import Sequence
+from collections.abc import Set
 import time
 import warnings
 
@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from optuna_mlflow_nested._utils import redact_secrets
+from optuna_mlflow_nested.tracking.clients import discard_runs
 from optuna_mlflow_nested.tracking.clients import set_run_status
 from optuna_mlflow_nested.tracking.delivery import deliver
 from optuna_mlflow_nested.tracking.delivery import equals_clause
@@ -51,14 +52,14 @@ def reconcile_study(
     client: MlflowClient, study: optuna.Study, *, experiment_id: str, parent_run_id: str,
     tracking_uri: str, run_ids: Callable[[], dict[int, str]], metric_name: str | Sequence[str] = "value",
     orphan_age: float = 3600.0, create_missing: bool = False,
-    remember: Callable[[int, str], None] | None = None, wanted: Collection[int] | None = None,
+    remember: Callable[[int, str], None] | None = None, wanted: Set[int] | None = None,
     create: Callable[[FrozenTrial], str | None] | None = None,
 ) -> int:
     """Finish RUNNING child runs of finished trials, delete stale spare runs and, with
     ``create_missing``, give every finished trial (of ``wanted``, if given) exactly one
     run: its own (the one ``run_ids`` names) written if it is not yet, else one made by
     ``create`` (default: delivered here; ``None`` if it could not be). Of two or more
-    runs of one trial (left by a race, see :func:`_delete_others`) the trial's own is
+    runs of one trial (left by a race) the trial's own is
     kept, else a written one; the others are deleted once the one kept is written.
     ``remember`` is told each trial number whose run changed, with the run id (the
     trial -> run mapping).
@@ -96,7 +97,6 @@ def reconcile_study(
     by_trial: dict[str | None, list[Run]] = {}
     for run in search_equal(client, [experiment_id], children):
         by_trial.setdefault(run.data.tags.get(TRIAL_NUMBER_TAG), []).append(run)
-    wanted = None if wanted is None else set(wanted)
     for trial in finished.values():
         runs, own = by_trial.get(str(trial.number), []), mapping.get(trial.number)
         if not runs and wanted is not None and trial.number not in wanted:
@@ -118,8 +118,12 @@ def reconcile_study(
             kept = keep.info.run_id
             if not _is_written(keep, written):
                 mended += _deliver_beside_its_writer(client, record(trial, kept), kept)
-            # Only once the run kept is written: the others go (see _delete_others).
-            mended += _delete_others(client, runs, kept)
+            # Only once the run kept is written do the others go. They come from races no
+            # lookup closes: a sync making the runs trials lack while a worker's writer
+            # makes the run of a trial begun while the server was away, or two searches'
+            # ends making the K best trials' runs. A live writer still writing one deleted
+            # here restores it, and the next sync deletes it again.
+            mended += discard_runs(client, [r.info.run_id for r in runs if r.info.run_id != kept])
         if kept is not None and kept != own and remember is not None:
             remember(trial.number, kept)
     return mended
@@ -146,27 +150,6 @@ def _is_written(run: Run, record: RunRecord) -> bool:
     return (run.info.lifecycle_stage == "active" and run.info.status == record.status
             and run.info.run_name == record.run_name
             and run.data.tags.get("state") == record.tags.get("state"))
-
-
-def _delete_others(client: MlflowClient, runs: list[Run], keep: str) -> int:
-    """Delete a trial's ``runs`` other than ``keep``; returns how many.
-
-    A trial gets two runs from races no lookup closes: a sync creating the runs that
-    trials lack while a worker's writer creates the run of a trial begun while the
-    server was away, or two searches' ends making the K best trials' runs, each having
-    looked and found none. A live writer may still be writing the run deleted here: it
-    then restores it, and the next sync deletes it again. At rest (no worker writing),
-    a sync leaves each trial one run.
-    """
-    deleted = 0
-    for run in runs:
-        if run.info.run_id == keep:
-            continue
-        if run.info.status == "RUNNING":
-            set_run_status(client, run.info.run_id, "KILLED")  # deleted runs must not stay RUNNING
-        client.delete_run(run.info.run_id)
-        deleted += 1
-    return deleted
 
 
 def _deliver_beside_its_writer(client: MlflowClient, record: RunRecord, run_id: str,

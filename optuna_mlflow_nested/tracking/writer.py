@@ -167,14 +167,11 @@ class Writer:
         start = time.monotonic()
         try:
             if self._offline_since is None:
+                # A failed first attempt may have made the run (its answer lost): the
+                # retries look for it, also where the caller knew of none.
                 tries = itertools.count()
-
-                def attempt() -> str:
-                    # A failed first attempt may have made the run (the answer lost):
-                    # the retries look for it, also where the caller knew of none.
-                    return deliver(self._client, record, lookup=lookup or next(tries) > 0)
-
-                self._retry.call(attempt, self._stop)
+                self._retry.call(lambda: deliver(self._client, record,
+                                                 lookup=lookup or next(tries) > 0), self._stop)
             else:
                 deliver(self._client, record, lookup=lookup)
             with self._lock:
