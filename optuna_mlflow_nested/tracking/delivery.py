@@ -72,6 +72,12 @@ def is_retryable(exc: BaseException) -> bool:
     return not (isinstance(exc, MlflowException) and code in _NON_RETRYABLE)
 
 
+def store_was_busy(exc: BaseException) -> bool:
+    """A store that refused a call for now (SQLite's "database is locked" after MLflow's
+    busy timeout), not one that is away."""
+    return isinstance(exc, MlflowException) and exc.error_code == "TEMPORARILY_UNAVAILABLE"
+
+
 def _lookup_tags(record: RunRecord) -> dict[str, str]:
     """The tags that identify ``record``'s run (with its name, for a run of no trial)."""
     tags = {STUDY_TAG: record.study_name}
@@ -180,14 +186,15 @@ class RetryPolicy:
     first_delay: float = 0.2
     max_delay: float = 5.0
 
-    def call(self, fn: Callable[[], Any], stop: threading.Event | None = None) -> Any:
+    def call(self, fn: Callable[[], Any], stop: threading.Event | None = None, *,
+             retryable: Callable[[BaseException], bool] = is_retryable) -> Any:
         start = time.monotonic()
         delay = self.first_delay
         while True:
             try:
                 return fn()
             except Exception as exc:
-                if not is_retryable(exc) or time.monotonic() - start + delay > self.deadline:
+                if not retryable(exc) or time.monotonic() - start + delay > self.deadline:
                     raise
                 _logger.debug("MLflow write failed (%s); retrying in %.1fs",
                               redact_secrets(exc), delay)
@@ -201,3 +208,11 @@ class RetryPolicy:
     def from_env(cls) -> RetryPolicy:
         """The policy with ``OMN_RETRY_DEADLINE`` seconds (default 60) per write."""
         return cls(deadline=float(os.environ.get("OMN_RETRY_DEADLINE", "60")))
+
+
+def wait_out_busy_store(fn: Callable[[], Any]) -> Any:
+    """``fn()``, called again while the store is busy (:func:`store_was_busy`), up to
+    ``OMN_RETRY_DEADLINE``, with MLflow's traceback for each refusal kept off stderr (as
+    in the writer). A server that is away is not waited for: nothing must hang on it."""
+    with _compat.retried_store_call():
+        return RetryPolicy.from_env().call(fn, retryable=store_was_busy)

@@ -29,6 +29,7 @@ from optuna_mlflow_nested._utils import tag_value
 from optuna_mlflow_nested.tracking.clients import get_client
 from optuna_mlflow_nested.tracking.clients import set_run_status
 from optuna_mlflow_nested.tracking.delivery import batches
+from optuna_mlflow_nested.tracking.delivery import wait_out_busy_store
 from optuna_mlflow_nested.tracking.figures import figures_wanted
 from optuna_mlflow_nested.tracking.figures import log_figures
 from optuna_mlflow_nested.tracking.records import ROLE_TAG
@@ -66,9 +67,10 @@ def log_parent_start(client: MlflowClient, run_id: str, params: dict[str, Any],
 def mark_parent_running(client: MlflowClient, run_id: str, budget: dict[str, Any]) -> None:
     """Record the requested budget and reopen the parent; a server that is away is not fatal."""
     try:
-        client.log_batch(run_id, tags=[RunTag(f"budget.{k}", str(v)) for k, v in budget.items()],
-                         synchronous=True)
-        set_run_status(client, run_id, "RUNNING")
+        wait_out_busy_store(lambda: client.log_batch(
+            run_id, tags=[RunTag(f"budget.{k}", str(v)) for k, v in budget.items()],
+            synchronous=True))
+        wait_out_busy_store(lambda: set_run_status(client, run_id, "RUNNING"))
     except Exception as exc:
         warnings.warn(f"could not update the parent run {run_id}: {redact_secrets(exc)}",
                       RuntimeWarning, stacklevel=3)
@@ -340,7 +342,7 @@ class SearchEnd:
 
     def _step(self, step: Callable[[], Any], stacklevel: int = 5) -> bool:
         try:
-            step()
+            wait_out_busy_store(step)
             return True
         except Exception as exc:
             warnings.warn(f"could not update the parent run {self.study.parent_run_id}: "
