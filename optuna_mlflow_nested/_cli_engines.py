@@ -6,11 +6,24 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 import contextlib
+import re
 from typing import Any
 
 
 class UsageError(Exception):
     """Bad input from the command line: one line on stderr, exit code 2."""
+
+
+#: The library's Python names that its errors use, as the flags that give them.
+_FLAGS = {"tracking_uri": "--tracking-uri", "optimize(executor=...)": "--workers/--dask"}
+_PYTHON_NAME = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, _FLAGS)) + r")(?![\w(])")
+
+
+def in_flags(message: str) -> str:
+    """A library error's ``message`` for the command line: the Python arguments it names
+    as their flags (the command's checks are the library's; a user of the command never
+    wrote ``tracking_uri``)."""
+    return _PYTHON_NAME.sub(lambda match: _FLAGS[match.group(1)], message)
 
 
 def add_heartbeat_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 from optuna_mlflow_nested._cli_engines import UsageError
 from optuna_mlflow_nested._cli_engines import add_heartbeat_arguments
 from optuna_mlflow_nested._cli_engines import executor_from
+from optuna_mlflow_nested._cli_engines import in_flags
 from optuna_mlflow_nested._cli_engines import storage_from
 
 __all__ = ["UsageError", "main", "build_parser"]
@@ -332,7 +333,8 @@ def _run_sync(args: argparse.Namespace) -> int:
             scrub_exception(exc)  # MLflow's messages carry the tracking URI, password too
             if not isinstance(exc, (MlflowException, requests.RequestException)):
                 raise
-            print(f"optuna-mlflow-nested sync: error: {redact_secrets(exc)}", file=sys.stderr)
+            print(f"optuna-mlflow-nested sync: error: {in_flags(redact_secrets(exc))}",
+                  file=sys.stderr)
             return 1
     return 1 if remaining else 0
 
@@ -363,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError, KeyError, FileNotFoundError) as exc:
         from optuna_mlflow_nested._utils import redact_secrets
 
-        print(f"optuna-mlflow-nested {args.command}: error: {redact_secrets(exc)}", file=sys.stderr)
+        message = in_flags(redact_secrets(exc))
+        print(f"optuna-mlflow-nested {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         again = "; run the same command again to resume" if args.command in ("tune", "worker") else ""

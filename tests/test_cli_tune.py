@@ -117,6 +117,30 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], messag
     assert not (tmp_path / "mlflow.db").exists()  # no half-made parent run anywhere
 
 
+@pytest.mark.parametrize(
+    "args, flag, python_name",
+    [
+        (["--tracking-uri", "foo://bar"], "--tracking-uri 'foo://bar'", "tracking_uri"),
+        (["--workers", "2", "--storage", "sqlite:///:memory:"], "--workers/--dask cannot share",
+         "optimize(executor=...)"),
+        (["--tracking-uri", "sqlite:///other.db"], "pass the --tracking-uri", "tracking_uri"),
+    ],
+)
+def test_bad_input_is_named_by_its_flag_not_its_python_name(
+        tmp_path: Path, args: list[str], flag: str, python_name: str,
+        capsys: pytest.CaptureFixture) -> None:
+    # The command's checks are the library's: their messages named Python arguments
+    # (tracking_uri, optimize(executor=...)) that a user of the command never wrote.
+    if "sqlite:///other.db" in args:  # a study made with another tracking store: joined
+        import optuna_mlflow_nested as omn
+
+        omn.create_study("catboost-tune", storage="sqlite:///optuna.db",
+                         tracking_uri="sqlite:///mlflow.db")
+    assert main(["tune", "--trials", "2", *args, *FAST]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and python_name not in lines[0], lines
+
+
 def test_bad_input_from_the_installed_command(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "optuna_mlflow_nested", "tune", "--data",
                              "missing.csv", "--target", "y"], cwd=tmp_path, capture_output=True,
