@@ -218,6 +218,23 @@ def test_a_tell_after_the_search_ended_reopens_the_parent(tracking_uri: str) -> 
     assert client.get_run(study.parent_run_id).info.status == "RUNNING"
 
 
+def test_a_tell_reopens_the_parent_through_a_busy_store_and_prints_no_traceback(
+        tracking_uri: str, capfd: pytest.CaptureFixture[str]) -> None:
+    # The reopening was tried once: a locked SQLite file left the parent FINISHED while
+    # trials were told, and MLflow's traceback was printed.
+    from tests_support import busy_store
+
+    study = omn.create_study("reopened", tracking_uri=tracking_uri)
+    study.optimize(objective, n_trials=1)
+    with busy_store("runs", study.parent_run_id, lambda: 1) as refused:
+        trial = study.ask()
+        study.tell(trial, objective(trial))
+    assert refused, "no write refused: the test tests nothing"
+    assert MlflowClient(tracking_uri).get_run(study.parent_run_id).info.status == "RUNNING"
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+
+
 def test_tell_by_number_from_another_study_object(tracking_uri: str, tmp_path) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = omn.create_study("two-objects", tracking_uri=tracking_uri, storage=storage)

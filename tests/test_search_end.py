@@ -15,6 +15,7 @@ import warnings
 from mlflow.tracking import MlflowClient
 import optuna
 import pytest
+from tests_support import busy_store
 
 import optuna_mlflow_nested as omn
 from optuna_mlflow_nested import _compat
@@ -287,34 +288,17 @@ def test_the_parents_start_and_end_wait_out_a_busy_store_and_print_no_traceback(
     # through the next search, with MLflow's traceback printed. Here a real "database
     # is locked", raised by the SQLite driver for the parent's first write to ``table``
     # in each search (metrics: the summary; runs: its reopening, then its status).
-    import sqlite3
-
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
     study = omn.create_study("busy", tracking_uri=tracking_uri, sampler="random", seed=0)
-    parent_run_id = study.parent_run_id
-    refused: list[str] = []
-    verbs = (f"INSERT INTO {table.upper()}", f"UPDATE {table.upper()}")
-
-    def busy_once(conn, cursor, statement, parameters, context, executemany):
-        if (len(refused) < searches and statement.lstrip().upper().startswith(verbs)
-                and parent_run_id in str(parameters)):
-            refused.append(statement)
-            raise sqlite3.OperationalError("database is locked")
-
-    event.listen(Engine, "before_cursor_execute", busy_once)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for searches in (1, 2):
-                study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=3)
-                assert len(refused) == searches, "no write refused: the test tests nothing"
-                parent = MlflowClient(tracking_uri).get_run(parent_run_id)
-                assert parent.info.status == "FINISHED"
-                assert parent.data.metrics["n_trials"] == 3 * searches
-    finally:
-        event.remove(Engine, "before_cursor_execute", busy_once)
+    searches = 1
+    with warnings.catch_warnings(record=True) as caught, busy_store(
+            table, study.parent_run_id, lambda: searches) as refused:
+        warnings.simplefilter("always")
+        for searches in (1, 2):
+            study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=3)
+            assert len(refused) == searches, "no write refused: the test tests nothing"
+            parent = MlflowClient(tracking_uri).get_run(study.parent_run_id)
+            assert parent.info.status == "FINISHED"
+            assert parent.data.metrics["n_trials"] == 3 * searches
     assert not [str(w.message) for w in caught if "parent run" in str(w.message)]
     err = capfd.readouterr().err
     assert "Traceback" not in err and "could not update the parent run" not in err, err

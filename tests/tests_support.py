@@ -89,3 +89,31 @@ class DaskCluster:
                     break
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     continue
+
+
+@contextlib.contextmanager
+def busy_store(table: str, run_id: str, times: Callable[[], int]) -> Iterator[list[str]]:
+    """While the block runs, the SQLite driver refuses this process's writes to ``table``
+    (``INSERT``/``UPDATE``) of ``run_id`` with a real "database is locked", as it does
+    after MLflow's 20 s busy timeout when another process holds the file's lock, until
+    it has refused ``times()`` of them (read at each write). Yields the refused
+    statements. Through SQLAlchemy's public event hook; nothing is mocked."""
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    refused: list[str] = []
+    verbs = (f"INSERT INTO {table.upper()}", f"UPDATE {table.upper()}")
+
+    def refuse(conn, cursor, statement, parameters, context, executemany):
+        if (len(refused) < times() and statement.lstrip().upper().startswith(verbs)
+                and run_id in str(parameters)):
+            refused.append(statement)
+            raise sqlite3.OperationalError("database is locked")
+
+    event.listen(Engine, "before_cursor_execute", refuse)
+    try:
+        yield refused
+    finally:
+        event.remove(Engine, "before_cursor_execute", refuse)

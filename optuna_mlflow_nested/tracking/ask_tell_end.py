@@ -64,10 +64,12 @@ def search_told(study: Any) -> None:
 def _reopen(study: Any) -> None:
     from optuna_mlflow_nested.tracking.clients import set_run_status
     from optuna_mlflow_nested.tracking.clients import short_http_retries
+    from optuna_mlflow_nested.tracking.delivery import wait_out_busy_store
 
     try:
         with short_http_retries(study.tracking_uri):
-            set_run_status(study._client, study.parent_run_id, "RUNNING")
+            wait_out_busy_store(lambda: set_run_status(study._client, study.parent_run_id,
+                                                       "RUNNING"))
     except Exception as exc:  # a store that is away: the tell stands, the end writes later
         _logger.debug("parent run not reopened: %s", redact_secrets(exc))
 
