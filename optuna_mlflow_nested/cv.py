@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import functools
+from pathlib import Path
 import time
 from typing import Any
 import warnings
@@ -11,6 +12,7 @@ import warnings
 import mlflow
 from mlflow.entities import Metric
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import numpy as np
@@ -18,8 +20,10 @@ import numpy as np
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._utils import param_value
+from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested._utils import safe_key
 from optuna_mlflow_nested._utils import safe_mapping
+from optuna_mlflow_nested.tracking.delivery import wait_out_busy_store
 
 __all__ = ["cross_validate"]
 
@@ -55,7 +59,9 @@ def cross_validate(
     one, as an objective returning ``-mean(test_score)`` would). With ``prune=True``
     the folds stop as soon as the study's pruner says so (``optuna.TrialPruned`` is
     raised after that fold's run is logged). Without an active run the folds are
-    top-level runs.
+    top-level runs. The tracking never fails the folds: a store that is busy is waited
+    out, and a fold run that MLflow does not take (a server that is away) is kept in the
+    spool for ``optuna-mlflow-nested sync``, with a warning (its model, if any, is not).
 
     Raises:
         ValueError: ``cv`` is an int below 2 (and whatever scikit-learn raises).
@@ -95,7 +101,8 @@ def cross_validate(
         log_fold_run(client, experiment_id, parent.info.run_id if parent else None, fold,
                      metrics={**scores, "fold": float(fold)},
                      params={"n_train": len(train_idx), "n_test": len(test_idx)},
-                     model=out["estimator"][0] if log_models else None)
+                     model=out["estimator"][0] if log_models else None,
+                     study_name=trial.study.study_name if trial is not None else "")
         folds.append(out)
         if trial is not None and _report(trial, folds, fold) and prune and trial.should_prune():
             import optuna
@@ -155,28 +162,73 @@ def _sklearn_log_model_kwargs() -> Callable[[Any], dict[str, Any]]:
 
 
 def log_fold_run(client: MlflowClient, experiment_id: str, parent_run_id: str | None, fold: int,
-                 *, metrics: dict[str, float], params: dict[str, Any], model: Any = None) -> str:
-    """One cross-validation fold as a finished run ``fold-<i>`` under ``parent_run_id``."""
+                 *, metrics: dict[str, float], params: dict[str, Any], model: Any = None,
+                 study_name: str = "") -> str | None:
+    """One cross-validation fold as a finished run ``fold-<i>`` under ``parent_run_id``.
+
+    A busy store is waited out. A store that still refuses (a server that is away) does
+    not fail the fold, nor its trial: the run's record goes to the spool (without the
+    model), with a warning, and ``optuna-mlflow-nested sync`` writes it.
+
+    Returns:
+        The run's id; ``None`` if the store never made it (the record is in the spool).
+    """
+    import requests
+
     tags = {tracking.ROLE_TAG: "fold", "fold": str(fold)}
     if parent_run_id:
         tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    run = client.create_run(experiment_id, tags=tags, run_name=f"fold-{fold}")
-    run_id = run.info.run_id
     now = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(safe_key(k), float(v), now, 0) for k, v in metrics.items()],
-        params=[Param(k, v) for k, v in safe_mapping(params, param_value).items()],
-        synchronous=True,
-    )
-    if model is not None:
-        import mlflow.sklearn
-        import sklearn
+    metric_list = [Metric(safe_key(k), float(v), now, 0) for k, v in metrics.items()]
+    param_map = safe_mapping(params, param_value)
+    run: Any = None
+    try:
+        run = wait_out_busy_store(lambda: client.create_run(experiment_id, tags=tags,
+                                                            run_name=f"fold-{fold}"))
+        wait_out_busy_store(lambda: client.log_batch(
+            run.info.run_id, metrics=metric_list,
+            params=[Param(k, v) for k, v in param_map.items()], synchronous=True))
+        if model is not None:
+            _log_model(run, model)
+        wait_out_busy_store(lambda: _compat.update_run_info(client, run.info.run_id,
+                                                            "FINISHED", now))
+        return str(run.info.run_id)
+    except (MlflowException, requests.RequestException, OSError) as exc:
+        record = tracking.RunRecord(
+            tracking_uri=client.tracking_uri, experiment_id=experiment_id,
+            parent_run_id=parent_run_id, study_name=study_name, trial_number=None,
+            run_id=run and run.info.run_id, run_name=f"fold-{fold}", status="FINISHED",
+            end_time=now, start_time=now, params=param_map, tags=tags,
+            metrics=[(m.key, m.value, m.timestamp, m.step) for m in metric_list])
+        _spool_fold(record, exc, model_lost=model is not None)
+        return record.run_id
 
-        # Explicit requirements: inferring them starts a subprocess per model (seconds each).
-        with _compat.active_run(run):
-            mlflow.sklearn.log_model(model, name="model",
-                                     pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
-                                     **_sklearn_log_model_kwargs()(model))
-    _compat.update_run_info(client, run_id, "FINISHED", now)
-    return str(run_id)
+
+def _log_model(run: Any, model: Any) -> None:
+    import mlflow.sklearn
+    import sklearn
+
+    # Explicit requirements: inferring them starts a subprocess per model (seconds each).
+    with _compat.active_run(run):
+        mlflow.sklearn.log_model(model, name="model",
+                                 pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+                                 **_sklearn_log_model_kwargs()(model))
+
+
+@functools.cache
+def _spool_at(path: Path) -> tracking.Spool:
+    return tracking.Spool(path)  # one per file: its warning says once where runs are kept
+
+
+def _spool_fold(record: tracking.RunRecord, exc: BaseException, *, model_lost: bool) -> None:
+    spool = _spool_at(tracking.default_spool_path())
+    what = f"MLflow did not take the run {record.run_name} of run {record.parent_run_id}"
+    try:
+        spool.append(record)
+    except OSError as spool_error:
+        warnings.warn(f"{what} ({redact_secrets(exc)}), nor could the spool {spool.path} keep it "
+                      f"({spool_error}): the run is lost", RuntimeWarning, stacklevel=4)
+        return
+    if model_lost:
+        warnings.warn(f"{what} ({redact_secrets(exc)}); it is in the spool, its model is not",
+                      RuntimeWarning, stacklevel=4)

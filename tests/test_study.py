@@ -390,6 +390,67 @@ def test_cross_validate_returns_sklearn_dict(tracking_uri: str) -> None:
         mlflow.set_tracking_uri(None)
 
 
+def _cv_study_with_a_refused_fold(tracking_uri: str, times: int) -> tuple[omn.NestedStudy, list]:
+    """A search of 2 trials whose objective cross-validates in 3 folds; the store refuses
+    the creation of trial 0's run ``fold-1`` ``times`` times ("database is locked")."""
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import Ridge
+    from tests_support import busy_store
+
+    X, y = load_diabetes(return_X_y=True)
+    study = omn.create_study("cv-busy", tracking_uri=tracking_uri, sampler="random", seed=0)
+
+    def objective(trial: optuna.Trial) -> float:
+        model = Ridge(alpha=trial.suggest_float("alpha", 0.1, 10))
+        return -float(omn.cross_validate(model, X, y, cv=3)["test_score"].mean())
+
+    with busy_store("runs", "'fold-1'", lambda: times) as refused:
+        study.optimize(objective, n_trials=2)
+    assert refused, "no write refused: the test tests nothing"
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    return study, refused
+
+
+def _folds(tracking_uri: str, study: omn.NestedStudy, number: int) -> dict[str, dict]:
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([study.experiment_id],
+                              f"tags.mlflow.parentRunId = '{study.child_run_id(number)}'")
+    return {r.info.run_name: {"status": r.info.status, **r.data.metrics} for r in runs}
+
+
+def test_a_fold_run_waits_out_a_busy_store_and_its_trial_completes(
+        tracking_uri: str, capfd: pytest.CaptureFixture[str]) -> None:
+    # A fold's run was written once, in the objective: a locked SQLite file (another
+    # process's long write) raised there and failed the trial.
+    study, refused = _cv_study_with_a_refused_fold(tracking_uri, times=1)
+    folds = _folds(tracking_uri, study, 0)
+    assert sorted(folds) == ["fold-0", "fold-1", "fold-2"]
+    assert {f["status"] for f in folds.values()} == {"FINISHED"}
+    assert folds["fold-1"]["fold"] == 1.0 and "test_score" in folds["fold-1"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_fold_run_the_store_never_takes_is_spooled_and_its_trial_completes(
+        tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A store that keeps refusing (a server that is away) failed the trial: the search
+    # lost a result to its tracking. Now the fold's run goes to the spool, and sync
+    # writes it under its trial's run.
+    monkeypatch.setenv("OMN_RETRY_DEADLINE", "1")
+    monkeypatch.setenv("OMN_SPOOL", str(tmp_path / "spool.jsonl"))
+    with pytest.warns(RuntimeWarning, match=r"did not take some runs; they are kept in .*spool"):
+        study, _ = _cv_study_with_a_refused_fold(tracking_uri, times=10**6)
+    for number in (0, 1):
+        assert sorted(_folds(tracking_uri, study, number)) == ["fold-0", "fold-2"]
+    assert tracking.replay_spool(tmp_path / "spool.jsonl") == (2, 0)
+    for number in (0, 1):
+        folds = _folds(tracking_uri, study, number)
+        assert sorted(folds) == ["fold-0", "fold-1", "fold-2"]
+        assert folds["fold-1"]["status"] == "FINISHED" and folds["fold-1"]["fold"] == 1.0
+        assert "test_score" in folds["fold-1"]
+    assert tracking.replay_spool(tmp_path / "spool.jsonl") == (0, 0)  # the spool is empty
+    assert sorted(_folds(tracking_uri, study, 0)) == ["fold-0", "fold-1", "fold-2"]
+
+
 def _race_worker(args: tuple[str, str, int]) -> str:
     tracking_uri, storage, seed = args
     study = omn.create_study("race", experiment_name="race-exp", tracking_uri=tracking_uri,

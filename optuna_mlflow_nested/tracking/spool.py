@@ -72,7 +72,7 @@ class Spool:
             if not self._warned:
                 self._warned = True
                 warnings.warn(
-                    f"MLflow at {redact_uri(record.tracking_uri)!r} did not take some trial runs; "
+                    f"MLflow at {redact_uri(record.tracking_uri)!r} did not take some runs; "
                     f"they are kept in {self.path} (replay with `optuna-mlflow-nested sync "
                     f"--spool {self.path}`).",
                     RuntimeWarning,
