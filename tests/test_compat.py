@@ -275,6 +275,8 @@ def test_quiet_retried_store_errors_drops_mlflows_traceback_only_in_retrying_thr
 
     def retried_here() -> None:
         with _compat.retried_store_call():  # a call whose failure this project handles
+            with _compat.retried_store_call():
+                pass  # one inside another: the outer one still holds after it
             locked_write()
         locked_write()  # and only inside it
 

@@ -302,3 +302,38 @@ def test_the_parents_start_and_end_wait_out_a_busy_store_and_print_no_traceback(
     assert not [str(w.message) for w in caught if "parent run" in str(w.message)]
     err = capfd.readouterr().err
     assert "Traceback" not in err and "could not update the parent run" not in err, err
+
+
+def test_a_store_that_refuses_for_good_is_not_waited_for(tracking_uri: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # MLflow gives every SQL OperationalError the code of a busy store: a read-only file
+    # was waited for until OMN_RETRY_DEADLINE, at the search's start and again at its end.
+    monkeypatch.setenv("OMN_RETRY_DEADLINE", "20")
+    study = omn.create_study("read-only", tracking_uri=tracking_uri, sampler="random", seed=0)
+    with busy_store("metrics", study.parent_run_id, lambda: 10**6,
+                    error="attempt to write a readonly database") as refused, pytest.warns(
+            RuntimeWarning, match=r"could not update the parent run (?s:.*)readonly"):
+        study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2, n_trials=2)
+    assert len(refused) == 1, "tried again"
+
+
+def test_a_summary_written_again_after_a_busy_store_adds_no_metric_rows(
+        tracking_uri: str) -> None:
+    # MLflow commits a batch's metrics and its tags in separate transactions: when the
+    # tags were refused, the summary was written again with a new timestamp, and its
+    # counts (n_trials, n_complete, ...) got a second row each in their history.
+    study = omn.create_study("busy-tags", tracking_uri=tracking_uri, sampler="random", seed=0)
+    ending = False
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal ending
+        ending = trial.number == 2  # the parent's next tag write is the summary's
+        return trial.suggest_float("x", -1, 1) ** 2
+
+    with busy_store("tags", study.parent_run_id, lambda: int(ending)) as refused:
+        study.optimize(objective, n_trials=3)
+    assert refused, "no write refused: the test tests nothing"
+    client = MlflowClient(tracking_uri)
+    for name in ("n_trials", "n_complete"):
+        assert [m.value for m in client.get_metric_history(study.parent_run_id, name)] == [3.0]
+

@@ -92,11 +92,12 @@ class DaskCluster:
 
 
 @contextlib.contextmanager
-def busy_store(table: str, run_id: str, times: Callable[[], int]) -> Iterator[list[str]]:
+def busy_store(table: str, run_id: str, times: Callable[[], int],
+               error: str = "database is locked") -> Iterator[list[str]]:
     """While the block runs, the SQLite driver refuses this process's writes to ``table``
-    (``INSERT``/``UPDATE``) of ``run_id`` with a real "database is locked", as it does
-    after MLflow's 20 s busy timeout when another process holds the file's lock, until
-    it has refused ``times()`` of them (read at each write). Yields the refused
+    (``INSERT``/``UPDATE``) of ``run_id`` with a real ``error``: by default "database is
+    locked", as after MLflow's 20 s busy timeout when another process holds the file's
+    lock. It refuses ``times()`` of them (read at each write). Yields the refused
     statements. Through SQLAlchemy's public event hook; nothing is mocked."""
     import sqlite3
 
@@ -110,7 +111,7 @@ def busy_store(table: str, run_id: str, times: Callable[[], int]) -> Iterator[li
         if (len(refused) < times() and statement.lstrip().upper().startswith(verbs)
                 and run_id in str(parameters)):
             refused.append(statement)
-            raise sqlite3.OperationalError("database is locked")
+            raise sqlite3.OperationalError(error)
 
     event.listen(Engine, "before_cursor_execute", refuse)
     try:

@@ -64,11 +64,11 @@ def retried_store_call() -> Iterator[None]:
     for a call whose failure this project handles (a trial's run then made by its
     record's writer, with retries)."""
     quiet_retried_store_errors()
-    _retried_here.on = True
+    outer, _retried_here.on = getattr(_retried_here, "on", False), True
     try:
         yield
     finally:
-        _retried_here.on = False
+        _retried_here.on = outer
 
 
 def quiet_retried_store_errors() -> None:

@@ -73,9 +73,12 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 def store_was_busy(exc: BaseException) -> bool:
-    """A store that refused a call for now (SQLite's "database is locked" after MLflow's
-    busy timeout), not one that is away."""
-    return isinstance(exc, MlflowException) and exc.error_code == "TEMPORARILY_UNAVAILABLE"
+    """A store that refused a call for now: SQLite's "database is locked" (another
+    connection held the file's lock past MLflow's busy timeout). Not one that is away or
+    refuses for good (read-only, full, missing), though MLflow gives every SQL
+    ``OperationalError`` the same code."""
+    return (isinstance(exc, MlflowException) and exc.error_code == "TEMPORARILY_UNAVAILABLE"
+            and "is locked" in str(exc))  # "database is locked", "database table is locked"
 
 
 def _lookup_tags(record: RunRecord) -> dict[str, str]:

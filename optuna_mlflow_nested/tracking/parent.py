@@ -169,7 +169,7 @@ def refresh_description(client: MlflowClient, run_id: str, study: optuna.Study,
 
 def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
                        run_ids: dict[int, str], figures: bool = True,
-                       compact: bool = False) -> None:
+                       compact: bool = False, now: int = 0) -> None:
     """The parent's running ``best_value``, counts per state, best trial, table, figures.
 
     ``best_value`` is stepped by trial number at the :func:`corner_points` of the
@@ -177,10 +177,11 @@ def log_parent_summary(client: MlflowClient, run_id: str, study: optuna.Study,
     logged are added to it, so calling this after each
     ``optimize`` (or from several workers) never duplicates history. ``compact`` (big
     searches): ``best_value`` only where it improves, parameter importances as
-    metrics, and figures only up to :data:`~.figures.FIGURE_LIMIT` trials.
+    metrics, and figures only up to :data:`~.figures.FIGURE_LIMIT` trials. ``now``: the
+    metrics' timestamp in ms (default: now); the same one again adds no rows.
     """
     trials = study.get_trials(deepcopy=False)
-    now = int(time.time() * 1000)
+    now = now or int(time.time() * 1000)
     logged = {m.step for m in client.get_metric_history(run_id, "best_value")}
     history = running_best(study, trials)
     if compact:
@@ -313,6 +314,7 @@ class SearchEnd:
         self.client = get_client(study.tracking_uri)
         self.compact = study.trial_runs is not None
         self._summary: bool | None = None  # written early: True, or failed (warned)
+        self._stamp = 0  # the summary's metrics' timestamp (ms), once it is first written
         self._warming: threading.Thread | None = None
         self._begin, self._skip = threading.Event(), threading.Event()
 
@@ -351,8 +353,9 @@ class SearchEnd:
 
     def _log_summary(self, figures: bool) -> None:
         study = self.study
+        self._stamp = self._stamp or int(time.time() * 1000)  # a retry adds no metric rows
         log_parent_summary(self.client, study.parent_run_id, study, study.run_ids(),
-                           figures=figures, compact=self.compact)
+                           figures=figures, compact=self.compact, now=self._stamp)
 
     def write_summary(self) -> None:
         """The summary without its figures, while the writer process still delivers the
