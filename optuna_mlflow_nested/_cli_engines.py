@@ -16,7 +16,8 @@ class UsageError(Exception):
 
 #: The library's Python names that its errors use, as the flags that give them.
 _FLAGS = {"tracking_uri": "--tracking-uri", "optimize(executor=...)": "--workers/--dask"}
-_PYTHON_NAME = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, _FLAGS)) + r")(?![\w(])")
+#: As a word of the message's prose: not inside a path, a URI or a quoted value.
+_PYTHON_NAME = re.compile(r"(?<!\S)(" + "|".join(map(re.escape, _FLAGS)) + r")(?= )")
 
 
 def in_flags(message: str) -> str:

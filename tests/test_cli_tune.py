@@ -124,6 +124,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], messag
         (["--workers", "2", "--storage", "sqlite:///:memory:"], "--workers/--dask cannot share",
          "optimize(executor=...)"),
         (["--tracking-uri", "sqlite:///other.db"], "pass the --tracking-uri", "tracking_uri"),
+        # A value the user wrote is theirs: only the message's own words are flags.
+        (["--data", "tracking_uri.csv"], "data file 'tracking_uri.csv' does not", "--tracking-uri"),
     ],
 )
 def test_bad_input_is_named_by_its_flag_not_its_python_name(
