@@ -7,6 +7,7 @@ import functools
 from pathlib import Path
 import time
 from typing import Any
+import uuid
 import warnings
 
 import mlflow
@@ -87,9 +88,10 @@ def cross_validate(
         raise ValueError(f"cv must be at least 2 folds, got {cv}")
     splits = list(check_cv(cv, y, classifier=is_classifier(estimator)).split(X, y, groups))
     parent = mlflow.active_run()
-    client = tracking.get_client(mlflow.get_tracking_uri())
-    experiment_id = parent.info.experiment_id if parent else _compat.default_experiment_id()
     trial = tracking.current_trial()
+    fold_runs = _FoldRuns(tracking.get_client(mlflow.get_tracking_uri()),
+                         parent.info.experiment_id if parent else _compat.default_experiment_id(),
+                         parent.info.run_id if parent else None)
     folds: list[dict[str, Any]] = []
     for fold, (train_idx, test_idx) in enumerate(splits):
         out = sklearn_cross_validate(
@@ -98,11 +100,9 @@ def cross_validate(
             error_score=error_score,
         )
         scores = {k: float(v[0]) for k, v in out.items() if k not in ("estimator", "indices")}
-        log_fold_run(client, experiment_id, parent.info.run_id if parent else None, fold,
-                     metrics={**scores, "fold": float(fold)},
-                     params={"n_train": len(train_idx), "n_test": len(test_idx)},
-                     model=out["estimator"][0] if log_models else None,
-                     study_name=trial.study.study_name if trial is not None else "")
+        fold_runs.log(fold, metrics={**scores, "fold": float(fold)},
+                      params={"n_train": len(train_idx), "n_test": len(test_idx)},
+                      model=out["estimator"][0] if log_models else None)
         folds.append(out)
         if trial is not None and _report(trial, folds, fold) and prune and trial.should_prune():
             import optuna
@@ -161,47 +161,63 @@ def _sklearn_log_model_kwargs() -> Callable[[Any], dict[str, Any]]:
     return trusted
 
 
-def log_fold_run(client: MlflowClient, experiment_id: str, parent_run_id: str | None, fold: int,
-                 *, metrics: dict[str, float], params: dict[str, Any], model: Any = None,
-                 study_name: str = "") -> str | None:
-    """One cross-validation fold as a finished run ``fold-<i>`` under ``parent_run_id``.
+class _FoldRuns:
+    """The fold runs of one :func:`cross_validate` call, each a finished run ``fold-<i>``
+    under ``parent_run_id`` (``None``: top-level runs).
 
-    A busy store is waited out. A store that still refuses (a server that is away) does
-    not fail the fold, nor its trial: the run's record goes to the spool (without the
-    model), with a warning, and ``optuna-mlflow-nested sync`` writes it.
-
-    Returns:
-        The run's id; ``None`` if the store never made it (the record is in the spool).
+    A busy store is waited out. A store that still refuses (a server that is away) fails
+    neither the folds nor their trial: the run's record goes to the spool (without the
+    model: a warning says so), and ``optuna-mlflow-nested sync`` writes it. The call's
+    later folds then go to the spool at once (each would wait for the store again).
     """
-    import requests
 
-    tags = {tracking.ROLE_TAG: "fold", "fold": str(fold)}
-    if parent_run_id:
-        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    now = int(time.time() * 1000)
-    metric_list = [Metric(safe_key(k), float(v), now, 0) for k, v in metrics.items()]
-    param_map = safe_mapping(params, param_value)
-    run: Any = None
-    try:
-        run = wait_out_busy_store(lambda: client.create_run(experiment_id, tags=tags,
-                                                            run_name=f"fold-{fold}"))
+    def __init__(self, client: MlflowClient, experiment_id: str,
+                 parent_run_id: str | None) -> None:
+        self.client, self.experiment_id, self.parent_run_id = client, experiment_id, parent_run_id
+        self.store_failed = False
+
+    def log(self, fold: int, *, metrics: dict[str, float], params: dict[str, Any],
+            model: Any = None) -> str | None:
+        """Returns the run's id; ``None`` if the store did not make it (it is spooled)."""
+        import requests
+
+        # The key finds this fold's run when its record is replayed: the run is created
+        # with it (a creation whose answer was lost is found, not made again), and no
+        # other fold of the same name and parent (a second call in one run) is taken.
+        tags = {tracking.ROLE_TAG: "fold", "fold": str(fold),
+                tracking.RUN_KEY_TAG: uuid.uuid4().hex}
+        if self.parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
+        now = int(time.time() * 1000)
+        record = tracking.RunRecord(
+            tracking_uri=self.client.tracking_uri, experiment_id=self.experiment_id,
+            parent_run_id=self.parent_run_id, study_name="", trial_number=None, run_id=None,
+            run_name=f"fold-{fold}", status="FINISHED", end_time=now, start_time=now,
+            params=safe_mapping(params, param_value), tags=tags,
+            metrics=[(safe_key(k), float(v), now, 0) for k, v in metrics.items()])
+        if self.store_failed:
+            _spool_fold(record, "the store failed an earlier fold", model is not None)
+            return None
+        try:
+            return self._write(record, model)
+        except (MlflowException, requests.RequestException, OSError) as exc:
+            self.store_failed = True
+            _spool_fold(record, redact_secrets(exc), model is not None)
+            return record.run_id
+
+    def _write(self, record: tracking.RunRecord, model: Any) -> str:
+        client = self.client
+        run = wait_out_busy_store(lambda: client.create_run(
+            self.experiment_id, tags=record.tags, run_name=record.run_name))
+        record.run_id = run_id = run.info.run_id
         wait_out_busy_store(lambda: client.log_batch(
-            run.info.run_id, metrics=metric_list,
-            params=[Param(k, v) for k, v in param_map.items()], synchronous=True))
+            run_id, metrics=[Metric(*m) for m in record.metrics],
+            params=[Param(k, v) for k, v in record.params.items()], synchronous=True))
         if model is not None:
             _log_model(run, model)
-        wait_out_busy_store(lambda: _compat.update_run_info(client, run.info.run_id,
-                                                            "FINISHED", now))
-        return str(run.info.run_id)
-    except (MlflowException, requests.RequestException, OSError) as exc:
-        record = tracking.RunRecord(
-            tracking_uri=client.tracking_uri, experiment_id=experiment_id,
-            parent_run_id=parent_run_id, study_name=study_name, trial_number=None,
-            run_id=run and run.info.run_id, run_name=f"fold-{fold}", status="FINISHED",
-            end_time=now, start_time=now, params=param_map, tags=tags,
-            metrics=[(m.key, m.value, m.timestamp, m.step) for m in metric_list])
-        _spool_fold(record, exc, model_lost=model is not None)
-        return record.run_id
+        wait_out_busy_store(lambda: _compat.update_run_info(client, run_id, "FINISHED",
+                                                            record.end_time))
+        return str(run_id)
 
 
 def _log_model(run: Any, model: Any) -> None:
@@ -220,15 +236,15 @@ def _spool_at(path: Path) -> tracking.Spool:
     return tracking.Spool(path)  # one per file: its warning says once where runs are kept
 
 
-def _spool_fold(record: tracking.RunRecord, exc: BaseException, *, model_lost: bool) -> None:
+def _spool_fold(record: tracking.RunRecord, why: str, model_lost: bool) -> None:
     spool = _spool_at(tracking.default_spool_path())
-    what = f"MLflow did not take the run {record.run_name} of run {record.parent_run_id}"
+    what = f"the run {record.run_name} of run {record.parent_run_id} was not written ({why})"
     try:
-        spool.append(record)
+        spool.append(record)  # its one warning says where its runs are kept
     except OSError as spool_error:
-        warnings.warn(f"{what} ({redact_secrets(exc)}), nor could the spool {spool.path} keep it "
-                      f"({spool_error}): the run is lost", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{what}, nor could the spool {spool.path} keep it ({spool_error}): "
+                      "it is lost", RuntimeWarning, stacklevel=4)
         return
     if model_lost:
-        warnings.warn(f"{what} ({redact_secrets(exc)}); it is in the spool, its model is not",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{what}: it is in the spool, its model is not", RuntimeWarning,
+                      stacklevel=4)

@@ -260,3 +260,34 @@ def test_two_syncs_of_one_study_at_once_give_each_trial_one_run(
     outputs = [proc.communicate(timeout=120) for proc in syncs]
     assert [proc.returncode for proc in syncs] == [0, 0], [err[-2000:] for _, err in outputs]
     assert _runs_per_trial(study) == {n: 1 for n in range(40)}
+
+
+def test_a_fold_record_replays_into_its_own_run_and_no_other(tracking_uri: str) -> None:
+    # A fold's record was looked up by study tag, parent and name: a fold run whose
+    # creation landed but whose answer was lost (a server killed mid-request) lacks the
+    # study tag, so the replay made a second one; and two folds of one name under one
+    # parent (cross_validate called twice in a run) were taken for one. Its key finds it.
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from optuna_mlflow_nested.tracking import RUN_KEY_TAG
+    from optuna_mlflow_nested.tracking import deliver
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("folds")
+    parent = client.create_run(experiment_id).info.run_id
+    runs = {key: client.create_run(experiment_id, run_name="fold-0", tags={
+        RUN_KEY_TAG: key, MLFLOW_PARENT_RUN_ID: parent}).info.run_id for key in ("a", "b")}
+    for key in ("b", "c"):  # "b": its creation's answer was lost; "c": never created
+        record = RunRecord(
+            tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=parent,
+            study_name="", trial_number=None, run_id=None, run_name="fold-0",
+            status="FINISHED", end_time=2, start_time=1, metrics=[("score", 0.5, 1, 0)],
+            tags={RUN_KEY_TAG: key, MLFLOW_PARENT_RUN_ID: parent})
+        runs[key] = runs.get(key) or deliver(client, record)
+        assert deliver(client, record) == runs[key]  # a second replay finds it too
+    children = {r.data.tags[RUN_KEY_TAG]: r for r in client.search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}
+    assert {k: r.info.run_id for k, r in children.items()} == runs
+    assert children["a"].data.metrics == {} and children["a"].info.status == "RUNNING"
+    assert children["b"].data.metrics == {"score": 0.5} and children["b"].info.status == "FINISHED"
+

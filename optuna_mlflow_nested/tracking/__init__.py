@@ -34,6 +34,7 @@ from optuna_mlflow_nested.tracking.clients import short_http_retries
 from optuna_mlflow_nested.tracking.delivery import RetryPolicy
 from optuna_mlflow_nested.tracking.delivery import deliver
 from optuna_mlflow_nested.tracking.records import ROLE_TAG
+from optuna_mlflow_nested.tracking.records import RUN_KEY_TAG
 from optuna_mlflow_nested.tracking.records import STUDY_TAG
 from optuna_mlflow_nested.tracking.records import TRIAL_NUMBER_TAG
 from optuna_mlflow_nested.tracking.records import RunRecord
@@ -48,6 +49,7 @@ from optuna_mlflow_nested.tracking.tracker import current_trial
 
 __all__ = [
     "ROLE_TAG",
+    "RUN_KEY_TAG",
     "STUDY_TAG",
     "TRIAL_NUMBER_TAG",
     "RetryPolicy",

@@ -28,6 +28,7 @@ from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested._utils import masks_secrets
 from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested._utils import tag_value
+from optuna_mlflow_nested.tracking.records import RUN_KEY_TAG
 from optuna_mlflow_nested.tracking.records import STUDY_TAG
 from optuna_mlflow_nested.tracking.records import TRIAL_NUMBER_TAG
 from optuna_mlflow_nested.tracking.records import RunRecord
@@ -82,7 +83,10 @@ def store_was_busy(exc: BaseException) -> bool:
 
 
 def _lookup_tags(record: RunRecord) -> dict[str, str]:
-    """The tags that identify ``record``'s run (with its name, for a run of no trial)."""
+    """The tags that identify ``record``'s run: its key (:data:`RUN_KEY_TAG`) if it has
+    one, else its study, trial number and parent (and its name, for a run of no trial)."""
+    if RUN_KEY_TAG in record.tags:
+        return {RUN_KEY_TAG: record.tags[RUN_KEY_TAG]}
     tags = {STUDY_TAG: record.study_name}
     if record.trial_number is not None:
         tags[TRIAL_NUMBER_TAG] = str(record.trial_number)
@@ -93,8 +97,8 @@ def _lookup_tags(record: RunRecord) -> dict[str, str]:
 
 def _find_trial_run(client: MlflowClient, record: RunRecord) -> str | None:
     """An existing run for (study, trial), so that replays never duplicate."""
-    extra = "" if record.trial_number is not None else equals_clause("attributes.run_name",
-                                                                     record.run_name)
+    by_name = record.trial_number is None and RUN_KEY_TAG not in record.tags
+    extra = equals_clause("attributes.run_name", record.run_name) if by_name else ""
     runs = search_equal(client, [record.experiment_id], _lookup_tags(record), extra, max_results=100)
     return runs[0].info.run_id if runs else None
 

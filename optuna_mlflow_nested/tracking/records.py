@@ -30,6 +30,9 @@ from optuna_mlflow_nested._utils import tag_value
 STUDY_TAG = "optuna.study_name"
 TRIAL_NUMBER_TAG = "optuna.trial_number"
 ROLE_TAG = "optuna.role"
+#: A run's own key where no trial number names it (a fold's run): a record of it in the
+#: spool finds the run it was meant for, not another fold of the same name and parent.
+RUN_KEY_TAG = "omn.run_key"
 
 _STATUS = {
     TrialState.COMPLETE: "FINISHED",
