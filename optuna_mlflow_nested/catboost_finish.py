@@ -30,6 +30,7 @@ from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested._utils import tag_value
+from optuna_mlflow_nested.tracking.delivery import wait_out_busy_store
 from optuna_mlflow_nested.tracking.parent import MODEL_URI_TAG
 from optuna_mlflow_nested.tracking.parent import REGISTERED_TAG
 from optuna_mlflow_nested.tracking.parent import log_in_batches
@@ -170,8 +171,10 @@ def _describe_model(study: NestedStudy, registered: str | None) -> None:
     client = study._client
     try:
         if registered:
-            client.set_tag(study.parent_run_id, REGISTERED_TAG, registered)
-        refresh_description(client, study.parent_run_id, study, study.run_ids())
+            wait_out_busy_store(lambda: client.set_tag(study.parent_run_id, REGISTERED_TAG,
+                                                       registered))
+        wait_out_busy_store(lambda: refresh_description(client, study.parent_run_id, study,
+                                                        study.run_ids()))
     except Exception as exc:
         warnings.warn(f"could not update the description of run {study.parent_run_id}: "
                       f"{redact_secrets(exc)}", RuntimeWarning, stacklevel=3)
@@ -198,10 +201,11 @@ def _mark_failed(study: NestedStudy, message: str, status: str) -> None:
     client = study._client
     with tracking.short_http_retries(study.tracking_uri):
         try:
-            client.log_batch(study.parent_run_id, tags=[
+            wait_out_busy_store(lambda: client.log_batch(study.parent_run_id, tags=[
                 RunTag(FINISH_STATUS_TAG, "failed"), RunTag(FINISH_ERROR_TAG, tag_value(message))],
-                synchronous=True)
-            tracking.set_run_status(client, study.parent_run_id, status)
+                synchronous=True))
+            wait_out_busy_store(lambda: tracking.set_run_status(client, study.parent_run_id,
+                                                                status))
         except Exception as exc:
             warnings.warn(f"could not mark the parent run {study.parent_run_id} {status}: "
                           f"{redact_secrets(exc)}", RuntimeWarning, stacklevel=3)
@@ -225,7 +229,9 @@ def _log_finish(study: NestedStudy, model: Any, best: dict[str, Any], curve: Seq
     run_id = study.parent_run_id
     run = client.get_run(run_id)
     logged["previous"] = run.data.tags.get(MODEL_URI_TAG, "")
-    client.set_tag(run_id, FINISH_STATUS_TAG, "running")
+    # Each write to the store waits out a busy one (the model's own, through MLflow's
+    # log_model, is tried once: trying it again could log a second model).
+    wait_out_busy_store(lambda: client.set_tag(run_id, FINISH_STATUS_TAG, "running"))
 
     example = X_plot.head(5) if isinstance(X_plot, pd.DataFrame) else np.asarray(X_plot)[:5]
     signature = infer_signature(example, model.predict(example))
@@ -242,7 +248,7 @@ def _log_finish(study: NestedStudy, model: Any, best: dict[str, Any], curve: Seq
 
     now = int(time.time() * 1000)
     history = [Metric("early_stopping_val_rmse", float(v), now, i) for i, v in enumerate(curve)]
-    log_in_batches(client, run_id, history, [])
+    wait_out_busy_store(lambda: log_in_batches(client, run_id, history, []))
     final = {**best, "iterations": int(metrics["tree_count"]), "model_uri": info.model_uri}
     client.log_text(run_id, json.dumps(final, indent=2), "final_params.json")
     client.log_figure(run_id, _plot(model, X_plot, y_plot, plot_name, Figure),
@@ -255,11 +261,12 @@ def _log_finish(study: NestedStudy, model: Any, best: dict[str, Any], curve: Seq
     step = 1 + max((m.step for m in client.get_metric_history(run_id, VAL_METRIC)), default=-1)
     tags = [RunTag(f"final.{name}", tag_value(value)) for name, value in best.items()]
     head, tags = tags[:-MAX_TAGS_WITH_COMMIT], tags[-MAX_TAGS_WITH_COMMIT:]
-    log_in_batches(client, run_id, [], head)  # only for > 96 parameters
+    wait_out_busy_store(lambda: log_in_batches(client, run_id, [], head))  # > 96 parameters
     tags += [RunTag(MODEL_URI_TAG, info.model_uri), RunTag(BEST_MODEL_TAG, "true"),
              RunTag(FINISH_STATUS_TAG, "complete")]
-    client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()],
-                     tags=tags, synchronous=True)
+    wait_out_busy_store(lambda: client.log_batch(
+        run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()], tags=tags,
+        synchronous=True))
     # The finish has landed; what follows clears the marks of an earlier failed finish.
     if FINISH_ERROR_TAG in run.data.tags:
         with contextlib.suppress(Exception):

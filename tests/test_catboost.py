@@ -144,3 +144,18 @@ def test_bad_arguments(diabetes_split: tuple, tracking_uri: str) -> None:
         tune(diabetes_split, tracking_uri, n_trials=0)
     with pytest.raises(ValueError, match="search_space"):
         tune(diabetes_split, tracking_uri, search_space={"depth": 3})
+
+
+def test_the_finish_waits_out_a_busy_store(diabetes_split: tuple, tracking_uri: str,
+                                           capfd: pytest.CaptureFixture[str]) -> None:
+    # The finish step's writes were tried once: a locked SQLite file (another process's
+    # long write) failed the finish, `tune` exited 1 and MLflow's traceback was printed.
+    from tests_support import busy_store
+
+    with busy_store("tags", "finish.status", lambda: 1) as refused:
+        result = tune(diabetes_split, tracking_uri, n_trials=2)
+    assert refused, "no write refused: the test tests nothing"
+    parent = MlflowClient(tracking_uri).get_run(result.parent_run_id)
+    assert parent.data.tags["finish.status"] == "complete"
+    assert parent.data.tags["best_model"] == "true" and parent.info.status == "FINISHED"
+    assert "Traceback" not in capfd.readouterr().err
