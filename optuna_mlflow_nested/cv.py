@@ -11,8 +11,6 @@ import uuid
 import warnings
 
 import mlflow
-from mlflow.entities import Metric
-from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -24,6 +22,7 @@ from optuna_mlflow_nested._utils import param_value
 from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested._utils import safe_key
 from optuna_mlflow_nested._utils import safe_mapping
+from optuna_mlflow_nested.tracking.delivery import deliver_retried
 from optuna_mlflow_nested.tracking.delivery import wait_out_busy_store
 
 __all__ = ["cross_validate"]
@@ -206,18 +205,10 @@ class _FoldRuns:
             return record.run_id
 
     def _write(self, record: tracking.RunRecord, model: Any) -> str:
-        client = self.client
-        run = wait_out_busy_store(lambda: client.create_run(
-            self.experiment_id, tags=record.tags, run_name=record.run_name))
-        record.run_id = run_id = run.info.run_id
-        wait_out_busy_store(lambda: client.log_batch(
-            run_id, metrics=[Metric(*m) for m in record.metrics],
-            params=[Param(k, v) for k, v in record.params.items()], synchronous=True))
+        run_id = deliver_retried(self.client, record, wait_out_busy_store, lookup=False)
         if model is not None:
-            _log_model(run, model)
-        wait_out_busy_store(lambda: _compat.update_run_info(client, run_id, "FINISHED",
-                                                            record.end_time))
-        return str(run_id)
+            _log_model(self.client.get_run(run_id), model)
+        return run_id
 
 
 def _log_model(run: Any, model: Any) -> None:

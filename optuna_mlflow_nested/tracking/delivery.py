@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Iterator
 import dataclasses
+import itertools
 import logging
 import os
 import random
@@ -139,6 +140,15 @@ def deliver(client: MlflowClient, record: RunRecord, *, lookup: bool = True,
         client.log_inputs(run_id, datasets=[dataset_input(d) for d in record.inputs])
     _compat.update_run_info(client, run_id, record.status, record.end_time, record.run_name)
     return run_id
+
+
+def deliver_retried(client: MlflowClient, record: RunRecord,
+                    retry: Callable[[Callable[[], str]], str], *, lookup: bool = True) -> str:
+    """:func:`deliver` through ``retry`` (a retrying call). A failed try may have made
+    the run (its answer lost): every later try looks for it, also where the caller knew
+    of none (``lookup=False``)."""
+    tries = itertools.count()
+    return retry(lambda: deliver(client, record, lookup=lookup or next(tries) > 0))
 
 
 def batches(metrics: list[Metric], params: list[Param], tags: list[RunTag],

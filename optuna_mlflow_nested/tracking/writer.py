@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import queue
 import threading
@@ -24,6 +23,7 @@ from optuna_mlflow_nested._utils import redact_secrets
 from optuna_mlflow_nested._utils import redact_uri
 from optuna_mlflow_nested.tracking.delivery import RetryPolicy
 from optuna_mlflow_nested.tracking.delivery import deliver
+from optuna_mlflow_nested.tracking.delivery import deliver_retried
 from optuna_mlflow_nested.tracking.delivery import is_retryable
 from optuna_mlflow_nested.tracking.records import RunRecord
 from optuna_mlflow_nested.tracking.spool import Spool
@@ -167,11 +167,9 @@ class Writer:
         start = time.monotonic()
         try:
             if self._offline_since is None:
-                # A failed first attempt may have made the run (its answer lost): the
-                # retries look for it, also where the caller knew of none.
-                tries = itertools.count()
-                self._retry.call(lambda: deliver(self._client, record,
-                                                 lookup=lookup or next(tries) > 0), self._stop)
+                deliver_retried(self._client, record,
+                                lambda attempt: self._retry.call(attempt, self._stop),
+                                lookup=lookup)
             else:
                 deliver(self._client, record, lookup=lookup)
             with self._lock:
