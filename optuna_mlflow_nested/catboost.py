@@ -225,7 +225,8 @@ def tune_catboost(
             number, a study or experiment name too long for MLflow's or Optuna's
             databases, a constant target, NaN or infinity in a target, infinity in a
             feature (NaN there is a missing value), or a resume with other data, another
-            target or another seed than the study's trials were scored with.
+            target, another seed or another ``tuning_iterations`` than the study's
+            trials were scored with.
         FinishError: the finish step failed; the parent run is FAILED and still records
             its previous finish (see :func:`~optuna_mlflow_nested.catboost_finish.finish`).
     """
@@ -302,7 +303,8 @@ def _tune(
                     registered_model_name=registered_model_name)
     check_data(X_train, y_train, X_val, y_val, X_test, y_test)
     space = space_from(search_space)
-    fingerprint = data_fingerprint(X_train, y_train, X_val, y_val, seed=seed, source=data_source)
+    fingerprint = data_fingerprint(X_train, y_train, X_val, y_val, seed=seed, source=data_source,
+                                   tuning_iterations=tuning_iterations)
     check_resume(storage, study_name, fingerprint)
     described = [describe(X, y, name) for X, y, name in (
         (X_train, y_train, "train"), (X_val, y_val, "validation"), (X_test, y_test, "test"))

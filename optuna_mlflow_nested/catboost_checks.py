@@ -92,20 +92,25 @@ def check_data(X_train: Any, y_train: Any, X_val: Any, y_val: Any, X_test: Any, 
 
 
 def data_fingerprint(X_train: Any, y_train: Any, X_val: Any, y_val: Any, *, seed: int,
-                     source: str | None = None) -> dict[str, Any]:
-    """What makes trials comparable: the data they fit and score on, its target, the seed."""
+                     source: str | None = None, tuning_iterations: int | None = None,
+                     ) -> dict[str, Any]:
+    """What makes trials comparable: the data they fit and score on, its target, the seed
+    and the fixed tree count of their fits (more trees score lower)."""
     target = getattr(y_train, "name", None)
     return {"digest": datasets.digest(X_train, y_train, X_val, y_val), "seed": int(seed),
-            "target": None if target is None else str(target), "source": source}
+            "target": None if target is None else str(target), "source": source,
+            "tuning_iterations": None if tuning_iterations is None else int(tuning_iterations)}
 
 
 def check_resume(storage: Any, study_name: str | None, fingerprint: dict[str, Any],
                  *, cli: bool = False) -> None:
-    """Refuse to add trials on other data, another target or another seed to a study."""
+    """Refuse to add trials on other data, another target, another seed or another tree
+    count to a study (a study made before the tree count was kept is not checked for it)."""
     stored = _stored_attrs(storage, study_name).get(DATA_ATTR)
     if not stored:
         return
     new = fingerprint
+    trees = stored.get("tuning_iterations"), new.get("tuning_iterations")
     if stored.get("seed") != new["seed"]:
         what, old_text, new_text = "seed", f"seed={stored.get('seed')}", f"seed={new['seed']}"
         if cli:
@@ -121,6 +126,11 @@ def check_resume(storage: Any, study_name: str | None, fingerprint: dict[str, An
             return f"{source}(digest {fp.get('digest')})"
 
         old_text, new_text = f"{what} {data(stored)}", data(new)
+    elif None not in trees and trees[0] != trees[1]:
+        what, old_text, new_text = "tuning_iterations", *(f"tuning_iterations={n}" for n in trees)
+        if cli:
+            what, old_text, new_text = "--tuning-iterations", f"--tuning-iterations {trees[0]}", \
+                str(trees[1])
     else:
         return
     raise ValueError(f"cannot resume study {study_name!r}: it was tuned with {old_text}, not "
@@ -146,6 +156,7 @@ def checked_input(args: Any) -> tuple[tuple, dict[str, Any]]:
     split = datasets.train_val_test_split(X, y, seed=args.seed)
     X_tr, X_va, X_te, y_tr, y_va, y_te = split
     check_data(X_tr, y_tr, X_va, y_va, X_te, y_te)
-    fingerprint = data_fingerprint(X_tr, y_tr, X_va, y_va, seed=args.seed, source=args.data)
+    fingerprint = data_fingerprint(X_tr, y_tr, X_va, y_va, seed=args.seed, source=args.data,
+                                   tuning_iterations=args.tuning_iterations)
     check_resume(args.storage, args.study_name, fingerprint, cli=True)
     return split, fingerprint

@@ -289,7 +289,7 @@ def test_tune_catboost_rejects_bad_input_before_anything_is_written(
     assert [e.name for e in MlflowClient(tracking_uri).search_experiments()] == ["Default"]
 
 
-def test_resume_with_other_data_target_or_seed_is_refused(
+def test_resume_with_other_data_target_seed_or_tree_count_is_refused(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _write_csvs(tmp_path)
     base = ["tune", "--data", "good.csv", "--target", "y", "--seed", "5", *CLI_FAST]
@@ -309,6 +309,8 @@ def test_resume_with_other_data_target_or_seed_is_refused(
         (["--seed", "6"], ["--seed", "5", "6"]),
         (["--target", "z"], ["--target", "'y'", "'z'"]),
         (["--data", "other.csv"], ["--data", "good.csv", "other.csv"]),
+        # trials fit with another fixed tree count score on another scale
+        (["--tuning-iterations", "30"], ["--tuning-iterations", "20", "30"]),
     ]:
         args = [*base, "--trials", "3"]
         name = change[0]
@@ -322,9 +324,13 @@ def test_resume_with_other_data_target_or_seed_is_refused(
 
     X_tr, X_va, X_te, y_tr, y_va, y_te = datasets.train_val_test_split(
         *datasets.load("good.csv", "y"), seed=5)
+    same = dict(n_trials=3, study_name="catboost-tune", storage="sqlite:///optuna.db",
+                tracking_uri="sqlite:///mlflow.db")
     with pytest.raises(ValueError, match=r"seed.*5.*7"):
-        omn.tune_catboost(X_tr, y_tr, X_va, y_va, n_trials=3, seed=7, study_name="catboost-tune",
-                          storage="sqlite:///optuna.db", tracking_uri="sqlite:///mlflow.db", **FAST)
+        omn.tune_catboost(X_tr, y_tr, X_va, y_va, seed=7, **same, **FAST)
+    with pytest.raises(ValueError, match=r"tuning_iterations=20, not tuning_iterations=30"):
+        omn.tune_catboost(X_tr, y_tr, X_va, y_va, seed=5, **same,
+                          **{**FAST, "tuning_iterations": 30})
     assert snapshot() == before
 
 
