@@ -8,10 +8,19 @@ from collections.abc import Iterator
 import contextlib
 import re
 from typing import Any
+from typing import NoReturn
 
 
 class UsageError(Exception):
     """Bad input from the command line: one line on stderr, exit code 2."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Its usage errors are one line on stderr and exit code 2, as the command's own
+    checks' are (argparse printed the whole usage first); ``--help`` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 #: The library's Python names that its errors use, as the flags that give them.

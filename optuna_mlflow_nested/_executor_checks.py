@@ -34,11 +34,7 @@ def check_optimize_args(study: Any, func: Any, n_trials: Any, timeout: Any, n_jo
     _check_common(func, n_trials, timeout, n_jobs)
     if executor is None:
         return n_workers
-    if not hasattr(executor, "submit"):
-        raise TypeError(f"executor must have a submit() method, got {type(executor).__name__}")
-    if n_jobs != 1:  # (it was ignored: each task runs its trials one at a time)
-        raise ValueError(f"n_jobs={n_jobs!r} with executor=...: the executor's workers run "
-                         "the trials in parallel; use n_workers for how many")
+    _check_executor(executor, n_jobs)
     if n_trials is None:
         raise ValueError("optimize(executor=...) needs n_trials: the exact total over all workers")
     if n_trials == 0:  # nothing runs, as in Optuna
@@ -118,13 +114,43 @@ def _journal_to_remake(storage: Any, executor: Any) -> Any:
     return journal
 
 
+def check_before_study(*, n_trials: Any, timeout: Any, n_jobs: Any, executor: Any,
+                       n_workers: Any, storage: Any) -> None:
+    """The checks of :func:`check_optimize_args` that need no study, for a caller that
+    makes the study (and its parent run) before it calls ``optimize``
+    (``tune_catboost``): a bad argument is named before anything is written.
+    ``storage`` as given to ``create_study`` (``None``: in memory)."""
+    _check_common(_no_objective, n_trials, timeout, n_jobs)
+    if executor is None:
+        return
+    _check_executor(executor, n_jobs)
+    if storage is None or isinstance(storage, optuna.storages.InMemoryStorage):
+        raise ValueError(_IN_MEMORY)
+    if n_workers is not None:  # (a Dask cluster's workers may still be joining)
+        resolve_workers(executor, n_workers)
+
+
+def _no_objective(trial: Any) -> float:  # (check_before_study has none yet)
+    return 0.0
+
+
+def _check_executor(executor: Any, n_jobs: Any) -> None:
+    if not hasattr(executor, "submit"):
+        raise TypeError(f"executor must have a submit() method, got {type(executor).__name__}")
+    if n_jobs != 1:  # (it was ignored: each task runs its trials one at a time)
+        raise ValueError(f"n_jobs={n_jobs!r} with executor=...: the executor's workers run "
+                         "the trials in parallel; use n_workers for how many")
+
+
+_IN_MEMORY = ("optimize(executor=...) needs a storage the workers share (an RDB URL such as "
+              "sqlite:////abs/path/optuna.db or postgresql://..., a journal file, or Optuna's "
+              "gRPC proxy); this study is in memory")
+
+
 def _check_shareable(study: Any, executor: Any) -> None:
     storage, _ = _compat.study_storage(study)
     if isinstance(storage, optuna.storages.InMemoryStorage):
-        raise ValueError(
-            "optimize(executor=...) needs a storage the workers share (an RDB URL such as "
-            "sqlite:////abs/path/optuna.db or postgresql://..., a journal file, or Optuna's "
-            "gRPC proxy); this study is in memory")
+        raise ValueError(_IN_MEMORY)
     _journal_to_remake(storage, executor)  # raises if workers elsewhere cannot share it
     url = _compat.rdb_url(storage) or ""
     if url.startswith("sqlite") and (":memory:" in url or url.rstrip("/") == "sqlite:"):

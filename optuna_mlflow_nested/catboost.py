@@ -31,6 +31,7 @@ import pandas as pd
 
 from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
+from optuna_mlflow_nested._executor_checks import check_before_study
 from optuna_mlflow_nested.catboost_checks import DATA_ATTR
 from optuna_mlflow_nested.catboost_checks import _stored_attrs
 from optuna_mlflow_nested.catboost_checks import check_arguments
@@ -301,6 +302,8 @@ def _tune(
     check_arguments(timeout=timeout, seed=seed, study_name=study_name,
                     experiment_name=experiment_name, sampler=sampler,
                     registered_model_name=registered_model_name)
+    check_before_study(n_trials=n_trials, timeout=timeout, n_jobs=n_jobs, executor=executor,
+                       n_workers=n_workers, storage=storage)
     check_data(X_train, y_train, X_val, y_val, X_test, y_test)
     space = space_from(search_space)
     fingerprint = data_fingerprint(X_train, y_train, X_val, y_val, seed=seed, source=data_source,

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from optuna_mlflow_nested.catboost import CatBoostResult
     from optuna_mlflow_nested.study import NestedStudy
 
+from optuna_mlflow_nested._cli_engines import CommandParser
 from optuna_mlflow_nested._cli_engines import UsageError
 from optuna_mlflow_nested._cli_engines import add_heartbeat_arguments
 from optuna_mlflow_nested._cli_engines import executor_from
@@ -340,7 +341,7 @@ def _run_sync(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="optuna-mlflow-nested",
         description="Optuna searches recorded in MLflow as a tree: study -> trial -> fold.",
     )

@@ -99,6 +99,7 @@ def create_study(
 
     Raises:
         ValueError: a bad argument, named; a storage or tracking URI that cannot be used.
+        TypeError: an argument of the wrong type (``seed="1"``, ``metric_name=3``), named.
         optuna.exceptions.DuplicatedStudyError: the study exists and ``load_if_exists``
             is false.
 

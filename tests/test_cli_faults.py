@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import importlib.util
@@ -266,6 +267,11 @@ def test_a_worker_with_bad_threads_exits_2_before_anything_is_written(
         ({"study_name": "s" * 600}, r"study_name is 600 characters long; at most 250"),
         ({"experiment_name": "e" * 300}, r"experiment_name is 300 characters long; at most 256"),
         ({"seed": -1}, r"seed must be"),
+        # checked by optimize, after the parent run was made (it was left RUNNING)
+        ({"n_jobs": 0}, r"n_jobs must be a positive integer or -1, got 0"),
+        ({"executor": "threads", "n_jobs": 2}, r"n_jobs=2 with executor=\.\.\."),
+        ({"executor": "threads", "n_workers": 0}, r"n_workers must be a positive integer, got 0"),
+        ({"executor": "threads", "storage": None}, r"optimize\(executor=\.\.\.\) needs a storage"),
     ],
 )
 def test_tune_catboost_rejects_bad_input_before_anything_is_written(
@@ -281,6 +287,8 @@ def test_tune_catboost_rejects_bad_input_before_anything_is_written(
             data[name].iloc[4, data[name].columns.get_loc("bmi")] = np.inf
         elif name in data:
             data[name].iloc[2] = np.nan if how == "nan" else np.inf
+        elif name == "executor":
+            kwargs[name] = concurrent.futures.ThreadPoolExecutor(1)
         else:
             kwargs[name] = how
     with pytest.raises(ValueError, match=match):

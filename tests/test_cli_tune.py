@@ -153,6 +153,26 @@ def test_bad_input_from_the_installed_command(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("args, texts", [
+    (["tune", "--trials", "abc"], ["optuna-mlflow-nested tune: error: ", "--trials", "'abc'"]),
+    (["tune", "--bogus"], ["optuna-mlflow-nested: error: ", "--bogus"]),
+    (["worker"], ["optuna-mlflow-nested worker: error: ", "--trials"]),
+    (["nonsense"], ["optuna-mlflow-nested: error: ", "'nonsense'"]),
+])
+def test_a_bad_option_is_one_line_and_exit_code_2(
+        tmp_path: Path, args: list[str], texts: list[str], capsys: pytest.CaptureFixture) -> None:
+    # README: bad input, a bad option included, prints one line on stderr and exits 2.
+    # argparse's own errors printed the whole usage first (16 lines for tune --trials abc).
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(texts[0]) and all(t in lines[0] for t in texts[1:]), lines
+    assert "--help" in lines[0]  # where the usage is now
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_grid_search_with_workers_uses_one_grid(tmp_path: Path) -> None:
     import optuna
 
