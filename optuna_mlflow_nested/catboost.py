@@ -156,9 +156,23 @@ def catboost_study(*, study_name: str | None, experiment_name: str | None,
     attrs = study.user_attrs
     if grid is not None and GRID_ATTR not in attrs:
         study.set_user_attr(GRID_ATTR, grid)
-    if fingerprint is not None and DATA_ATTR not in attrs:
-        study.set_user_attr(DATA_ATTR, fingerprint)
+    if fingerprint is not None:
+        _keep_fingerprint(study, attrs.get(DATA_ATTR), fingerprint)
     return study
+
+
+def _keep_fingerprint(study: NestedStudy, stored: dict[str, Any] | None,
+                      fingerprint: dict[str, Any]) -> None:
+    """``fingerprint`` kept with a new study. In one that has its own, the tree count is
+    the new one while no trial was scored with the stored one (interrupted first:
+    check_resume let the count change), so later resumes are checked against it."""
+    trees = fingerprint.get("tuning_iterations")
+    scored = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    if stored is None:
+        study.set_user_attr(DATA_ATTR, fingerprint)
+    elif stored.get("tuning_iterations") != trees and not study.get_trials(
+            deepcopy=False, states=scored):
+        study.set_user_attr(DATA_ATTR, {**stored, "tuning_iterations": trees})
 
 
 GRID_ATTR = "omn.grid"

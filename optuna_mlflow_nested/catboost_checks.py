@@ -8,13 +8,16 @@ import math
 import numbers
 from typing import Any
 
+import optuna
+
 from optuna_mlflow_nested import datasets
 from optuna_mlflow_nested.samplers import SAMPLER_NAMES
 
 __all__ = ["DATA_ATTR", "MAX_EXPERIMENT_NAME_LENGTH", "MAX_SEED", "MAX_STUDY_NAME_LENGTH",
            "check_arguments", "check_data", "check_resume", "checked_input", "data_fingerprint"]
 
-#: What the trials were scored on: data digest, target name, seed (see check_resume).
+#: What the trials were scored on: data digest, target name, seed, tree count (see
+#: check_resume).
 DATA_ATTR = "omn.data"
 #: The study name is also the parent run's name: MLflow's ``runs.name`` column holds 250
 #: characters (Optuna's ``studies.study_name`` 512); by default it names the experiment too.
@@ -37,6 +40,19 @@ def _stored_attrs(storage: Any, study_name: str | None) -> dict[str, Any]:
         return dict(store.get_study_user_attrs(store.get_study_id_from_name(study_name)))
     except KeyError:
         return {}
+
+
+def _has_scored_trials(storage: Any, study_name: str | None) -> bool:
+    """Whether a trial of the study was scored (COMPLETE or PRUNED), and so with its tree
+    count: a search interrupted before that may go on with another."""
+    from optuna_mlflow_nested._study_setup import open_storage
+
+    if study_name is None:
+        return False
+    store = open_storage(storage)
+    scored = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return bool(store.get_all_trials(store.get_study_id_from_name(study_name), deepcopy=False,
+                                     states=scored))
 
 
 def check_arguments(*, timeout: Any, seed: Any, study_name: Any, experiment_name: Any,
@@ -105,7 +121,8 @@ def data_fingerprint(X_train: Any, y_train: Any, X_val: Any, y_val: Any, *, seed
 def check_resume(storage: Any, study_name: str | None, fingerprint: dict[str, Any],
                  *, cli: bool = False) -> None:
     """Refuse to add trials on other data, another target, another seed or another tree
-    count to a study (a study made before the tree count was kept is not checked for it)."""
+    count to a study. The tree count only once a trial was scored with it; a study made
+    before the count was kept is not checked for it."""
     stored = _stored_attrs(storage, study_name).get(DATA_ATTR)
     if not stored:
         return
@@ -126,7 +143,7 @@ def check_resume(storage: Any, study_name: str | None, fingerprint: dict[str, An
             return f"{source}(digest {fp.get('digest')})"
 
         old_text, new_text = f"{what} {data(stored)}", data(new)
-    elif None not in trees and trees[0] != trees[1]:
+    elif None not in trees and trees[0] != trees[1] and _has_scored_trials(storage, study_name):
         what, old_text, new_text = "tuning_iterations", *(f"tuning_iterations={n}" for n in trees)
         if cli:
             what, old_text, new_text = "--tuning-iterations", f"--tuning-iterations {trees[0]}", \

@@ -342,6 +342,26 @@ def test_resume_with_other_data_target_seed_or_tree_count_is_refused(
     assert snapshot() == before
 
 
+def test_a_search_stopped_before_any_trial_was_scored_may_change_its_tree_count(
+        split: tuple, tracking_uri: str, tmp_path: Path) -> None:
+    # Ctrl-C before any trial ended leaves only FAILED trials: none was scored with the
+    # first count, so a rerun with another (a quicker one, say) goes on. The count it
+    # gives is then the study's, and the first count is refused once trials were scored.
+    from optuna_mlflow_nested.catboost import catboost_study
+    from optuna_mlflow_nested.catboost_checks import data_fingerprint
+
+    X_tr, X_va, _, y_tr, y_va, _ = split
+    kw = dict(study_name="trees", storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+              tracking_uri=tracking_uri, max_iterations=50, early_stopping_rounds=10)
+    first = data_fingerprint(X_tr, y_tr, X_va, y_va, seed=42, tuning_iterations=5000)
+    study = catboost_study(study_name="trees", experiment_name=None, tracking_uri=tracking_uri,
+                           storage=kw["storage"], sampler="tpe", seed=42, fingerprint=first)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # as an interrupt leaves it
+    omn.tune_catboost(X_tr, y_tr, X_va, y_va, n_trials=2, tuning_iterations=20, **kw)
+    with pytest.raises(ValueError, match=r"tuning_iterations=20, not tuning_iterations=5000"):
+        omn.tune_catboost(X_tr, y_tr, X_va, y_va, n_trials=3, tuning_iterations=5000, **kw)
+
+
 # ---------------------------------------------------------------- item 9b: Ctrl-C
 
 
