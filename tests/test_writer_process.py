@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import Any
 
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
@@ -297,51 +296,6 @@ def test_a_search_the_store_keeps_up_with_gets_no_rate_warning(
     study = omn.create_study("slow-enough", tracking_uri=tracking_uri, sampler="random", seed=0)
     study.optimize(slower_than_a_write, n_trials=LAG_BACKLOG + 16)
     assert not [w for w in recwarn if "trials end faster" in str(w.message)]
-
-
-def _burst(writer: Any, tracking_uri: str, experiment_id: str, count: int,
-           every_ms: int) -> None:
-    """``count`` trial records that ended ``every_ms`` apart, handed over at once, as a
-    writer process that was still starting receives the trials that ended meanwhile."""
-    from optuna_mlflow_nested.tracking.records import RunRecord
-
-    first = int(time.time() * 1000) - count * every_ms
-    for number in range(count):
-        writer.put(RunRecord(
-            tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=None,
-            study_name="burst", trial_number=number, run_id=None, run_name=f"trial-{number}",
-            status="FINISHED", end_time=first + number * every_ms, params={"x": str(number)}))
-
-
-@pytest.mark.parametrize("every_ms", [200, 1])
-def test_the_trials_rate_is_their_own_not_the_rate_they_reached_the_writer(
-        tracking_uri: str, tmp_path: Path, every_ms: int) -> None:
-    # A writer process receives the trials that ended while it started (its imports take
-    # seconds) all at once. Their rate was taken as records received per second since
-    # the writer started: hundreds a second for trials that ended 5 a second. Trials
-    # slower than the store were then told to use a server, and a warning quoted a
-    # rate no trial ran at (seen: "trials end at 438.7/s", objective 12 ms a trial).
-    from optuna_mlflow_nested.tracking import writer as writer_module
-    from optuna_mlflow_nested.tracking.delivery import RetryPolicy
-    from optuna_mlflow_nested.tracking.spool import Spool
-    from optuna_mlflow_nested.tracking.writer import LAG_BACKLOG
-    from optuna_mlflow_nested.tracking.writer import Writer
-
-    client = MlflowClient(tracking_uri)
-    experiment_id = client.create_experiment("burst")
-    writer = Writer(client, 1, Spool(tmp_path / "spool.jsonl"), RetryPolicy())
-    _burst(writer, tracking_uri, experiment_id, LAG_BACKLOG + 16, every_ms)
-    deadline = time.monotonic() + 60  # the store's rate is quoted after RATE_SAMPLE writes
-    while writer._written < writer_module.RATE_SAMPLE and time.monotonic() < deadline:
-        time.sleep(0.02)
-    lag = writer.lag()
-    assert writer.close(timeout=120)
-    assert writer._written == LAG_BACKLOG + 16
-    if every_ms == 200:  # 5 trials/s: a SQLite store writes several times as many runs
-        assert lag is None
-    else:  # 1000 trials/s: behind, at the trials' own rate
-        assert lag is not None and lag.trials_per_s == pytest.approx(1000, rel=0.01)
-        assert lag.store_runs_per_s is not None and lag.store_runs_per_s < lag.trials_per_s
 
 
 def test_a_writer_behind_before_its_first_write_names_no_store_rate(

@@ -45,9 +45,7 @@ class Lag:
     """The writer has fallen behind: trials end faster than the store takes their runs."""
 
     backlog: int  #: records queued, not yet written
-    #: trials ended per second, from their records' end times (not from when they
-    #: reached the writer: a writer process that was starting receives them at once)
-    trials_per_s: float
+    trials_per_s: float  #: records handed to the writer per second, since it started
     #: runs the store took per second of writing (all threads); None before the first
     store_runs_per_s: float | None
     since_start_s: float  #: seconds since the writer started
@@ -84,7 +82,6 @@ class Writer:
         self.unsaved: list[RunRecord] = []
         self._started = time.monotonic()
         self._received = 0
-        self._ends: tuple[int, int] | None = None  # the first and last trial end (ms)
         self._written = 0
         self._busy = 0.0  # seconds spent writing, summed over threads
         self._n_threads = max(threads, 1)
@@ -99,16 +96,12 @@ class Writer:
         """Queue ``record`` for the writer threads (blocks while the queue is full)."""
         with self._lock:
             self._received += 1
-            ends = self._ends or (record.end_time, record.end_time)
-            self._ends = min(ends[0], record.end_time), max(ends[1], record.end_time)
         self._queue.put(record)
 
     def lag(self) -> Lag | None:
-        """A :class:`Lag` when ``LAG_BACKLOG`` or more records wait and the trials end
-        faster than the store writes, else ``None``; not before ``RATE_SAMPLE`` writes have
-        ended (the store's rate is then measured) unless ``SLOW_START_S`` seconds have
-        passed since the writer started. A backlog of slower trials (handed over at once
-        to a writer process that was starting) drains by itself: not a lag."""
+        """A :class:`Lag` when ``LAG_BACKLOG`` or more records wait, else ``None``; not
+        before ``RATE_SAMPLE`` writes have ended (the store's rate is then measured) unless
+        ``SLOW_START_S`` seconds have passed since the writer started."""
         backlog = self._queue.qsize()
         if backlog < LAG_BACKLOG:
             return None
@@ -117,13 +110,8 @@ class Writer:
             if self._written < RATE_SAMPLE and elapsed < SLOW_START_S:
                 return None
             store_rate = self._n_threads * self._written / self._busy if self._busy > 0 else None
-            first, last = self._ends or (0, 0)
-            trials_rate = ((self._received - 1) * 1000 / (last - first) if last > first
-                           else self._received / elapsed)  # all in one millisecond
-        if store_rate is not None and trials_rate <= store_rate:
-            return None
-        return Lag(backlog=backlog, trials_per_s=trials_rate, store_runs_per_s=store_rate,
-                   since_start_s=elapsed)
+            return Lag(backlog=backlog, trials_per_s=self._received / elapsed,
+                       store_runs_per_s=store_rate, since_start_s=elapsed)
 
     def write(self, record: RunRecord, lookup: bool = True) -> None:
         """Deliver ``record`` now, in the calling thread (retried, else spooled)."""
