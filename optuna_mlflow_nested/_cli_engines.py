@@ -20,7 +20,9 @@ class CommandParser(argparse.ArgumentParser):
     checks' are (argparse printed the whole usage first); ``--help`` shows the usage."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # A command's unknown options reach the top parser, whose --help lists commands.
+        command = " COMMAND" if " " not in self.prog and "unrecognized" in message else ""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog}{command} --help)\n")
 
 
 #: The library's Python names that its errors use, as the flags that give them.

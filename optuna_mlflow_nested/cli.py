@@ -131,6 +131,8 @@ def _run_tune(args: argparse.Namespace) -> int:
         raise UsageError("give --workers or --dask, not both")
     if args.n_jobs == 0 or args.n_jobs < -1:
         raise UsageError(f"--n-jobs must be positive or -1, got {args.n_jobs}")
+    if args.n_jobs != 1 and (args.dask or args.workers > 1):
+        raise UsageError("--n-jobs with --workers/--dask: the workers run the trials in parallel")
     split, _ = checked_input(args)  # bad input fails before anything is written
     X_tr, X_va, X_te, y_tr, y_va, y_te = split
     _quiet_logs()

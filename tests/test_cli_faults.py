@@ -231,6 +231,8 @@ def _assert_one_line(capsys: pytest.CaptureFixture, *texts: str) -> str:
         (["--sampler", "bogus"], ["--sampler", "'bogus'"]),
         (["--seed", "4294967295"], ["--seed", "4294967295"]),  # the split's seed + 1
         (["--register", "a/b"], ["--register", "'a/b'"]),
+        # named n_jobs and n_workers, Python names, and left optuna.db behind
+        (["--workers", "2", "--n-jobs", "2"], ["--n-jobs", "--workers/--dask"]),
         pytest.param(["--sampler", "gp"], ["--sampler", "PyTorch"], marks=pytest.mark.skipif(
             importlib.util.find_spec("torch") is not None, reason="PyTorch is installed")),
         (["--storage", "postgresql://u:s3cret/x@127.0.0.1:1/nodb"], ["storage", "u:***@"]),

@@ -155,7 +155,7 @@ def test_bad_input_from_the_installed_command(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, texts", [
     (["tune", "--trials", "abc"], ["optuna-mlflow-nested tune: error: ", "--trials", "'abc'"]),
-    (["tune", "--bogus"], ["optuna-mlflow-nested: error: ", "--bogus"]),
+    (["tune", "--bogus"], ["optuna-mlflow-nested: error: ", "--bogus", "COMMAND --help"]),
     (["worker"], ["optuna-mlflow-nested worker: error: ", "--trials"]),
     (["nonsense"], ["optuna-mlflow-nested: error: ", "'nonsense'"]),
 ])
