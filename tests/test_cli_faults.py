@@ -344,6 +344,7 @@ def test_resume_with_other_data_target_seed_or_tree_count_is_refused(
     assert snapshot() == before
 
 
+@pytest.mark.slow  # CatBoost fits; the default suite stays under 5 min on 2 cores
 def test_a_search_stopped_before_any_trial_was_scored_may_change_its_tree_count(
         split: tuple, tracking_uri: str, tmp_path: Path) -> None:
     # Ctrl-C before any trial ended leaves only FAILED trials: none was scored with the
