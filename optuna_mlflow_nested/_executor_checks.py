@@ -13,6 +13,7 @@ import warnings
 import optuna
 
 from optuna_mlflow_nested import _compat
+from optuna_mlflow_nested._study_setup import check_budget
 from optuna_mlflow_nested._study_setup import check_optimize_args as _check_common
 from optuna_mlflow_nested.tracking.clients import sqlite_path
 
@@ -120,7 +121,7 @@ def check_before_study(*, n_trials: Any, timeout: Any, n_jobs: Any, executor: An
     makes the study (and its parent run) before it calls ``optimize``
     (``tune_catboost``): a bad argument is named before anything is written.
     ``storage`` as given to ``create_study`` (``None``: in memory)."""
-    _check_common(_no_objective, n_trials, timeout, n_jobs)
+    check_budget(n_trials, timeout, n_jobs)
     if executor is None:
         return
     _check_executor(executor, n_jobs)
@@ -128,10 +129,6 @@ def check_before_study(*, n_trials: Any, timeout: Any, n_jobs: Any, executor: An
         raise ValueError(_IN_MEMORY)
     if n_workers is not None:  # (a Dask cluster's workers may still be joining)
         resolve_workers(executor, n_workers)
-
-
-def _no_objective(trial: Any) -> float:  # (check_before_study has none yet)
-    return 0.0
 
 
 def _check_executor(executor: Any, n_jobs: Any) -> None:

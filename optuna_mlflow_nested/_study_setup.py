@@ -176,6 +176,11 @@ def storage_repr(storage: Any) -> str | None:
 def check_optimize_args(func: Any, n_trials: Any, timeout: Any, n_jobs: Any) -> None:
     if not callable(func):
         raise TypeError(f"objective must be callable, got {type(func).__name__}")
+    check_budget(n_trials, timeout, n_jobs)
+
+
+def check_budget(n_trials: Any, timeout: Any, n_jobs: Any) -> None:
+    """``optimize``'s ``n_trials``, ``timeout`` and ``n_jobs``."""
     if n_trials is not None and (
         isinstance(n_trials, bool) or not isinstance(n_trials, numbers.Integral) or n_trials < 0
     ):

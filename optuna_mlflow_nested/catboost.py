@@ -33,6 +33,7 @@ from optuna_mlflow_nested import _compat
 from optuna_mlflow_nested import tracking
 from optuna_mlflow_nested._executor_checks import check_before_study
 from optuna_mlflow_nested.catboost_checks import DATA_ATTR
+from optuna_mlflow_nested.catboost_checks import SCORED
 from optuna_mlflow_nested.catboost_checks import _stored_attrs
 from optuna_mlflow_nested.catboost_checks import check_arguments
 from optuna_mlflow_nested.catboost_checks import check_data
@@ -167,11 +168,10 @@ def _keep_fingerprint(study: NestedStudy, stored: dict[str, Any] | None,
     the new one while no trial was scored with the stored one (interrupted first:
     check_resume let the count change), so later resumes are checked against it."""
     trees = fingerprint.get("tuning_iterations")
-    scored = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     if stored is None:
         study.set_user_attr(DATA_ATTR, fingerprint)
     elif stored.get("tuning_iterations") != trees and not study.get_trials(
-            deepcopy=False, states=scored):
+            deepcopy=False, states=SCORED):
         study.set_user_attr(DATA_ATTR, {**stored, "tuning_iterations": trees})
 
 

@@ -14,7 +14,7 @@ from optuna_mlflow_nested import datasets
 from optuna_mlflow_nested.samplers import SAMPLER_NAMES
 
 __all__ = ["DATA_ATTR", "MAX_EXPERIMENT_NAME_LENGTH", "MAX_SEED", "MAX_STUDY_NAME_LENGTH",
-           "check_arguments", "check_data", "check_resume", "checked_input", "data_fingerprint"]
+           "SCORED", "check_arguments", "check_data", "check_resume", "checked_input", "data_fingerprint"]
 
 #: What the trials were scored on: data digest, target name, seed, tree count (see
 #: check_resume).
@@ -42,17 +42,19 @@ def _stored_attrs(storage: Any, study_name: str | None) -> dict[str, Any]:
         return {}
 
 
+#: Trials scored with the study's tree count: a search stopped before its first may go
+#: on with another count (check_resume), which is then the study's.
+SCORED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
 def _has_scored_trials(storage: Any, study_name: str | None) -> bool:
-    """Whether a trial of the study was scored (COMPLETE or PRUNED), and so with its tree
-    count: a search interrupted before that may go on with another."""
     from optuna_mlflow_nested._study_setup import open_storage
 
     if study_name is None:
         return False
     store = open_storage(storage)
-    scored = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return bool(store.get_all_trials(store.get_study_id_from_name(study_name), deepcopy=False,
-                                     states=scored))
+                                     states=SCORED))
 
 
 def check_arguments(*, timeout: Any, seed: Any, study_name: Any, experiment_name: Any,
